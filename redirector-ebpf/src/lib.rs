@@ -73,7 +73,10 @@ pub mod map_names {
     pub const PEER_STATS: &str = "PEER_STATS";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
-    /// Every map, in a fixed order (used to pin, check and remove them).
+    /// Per-CPU scratch of the kernel program (FIB lookup parameters). Not pinned, not part of
+    /// `ALL`: its contents mean nothing between packets.
+    pub const FIB_SCRATCH: &str = "FIB_SCRATCH";
+    /// Every map that holds state, in a fixed order (used to pin, check and remove them).
     pub const ALL: [&str; 15] = [
         META,
         CONFIG,

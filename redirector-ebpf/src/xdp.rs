@@ -1,10 +1,1144 @@
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+//! The XDP program: admission, overflow steering over GUE/IPIP, decapsulation on peers,
+//! SYN-flood guard. docs/dataplane.md describes the decisions and counters; the maps and
+//! their types are in `lib.rs`.
+//!
+//! Every packet read goes through `ptr_at`, the one bounds check the verifier needs to see.
+//! Anything the parser does not understand is passed to the normal stack untouched.
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    mem,
+};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        bpf_fib_lookup as FibParams, xdp_action, xdp_md,
+    },
+    helpers::generated::{
+        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_load_bytes,
+    },
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use redirector_ebpf::{
+    AddrKey, BUCKETS_LEN, Bucket, CONFIG_DECAP_V4, CONFIG_DECAP_V6, Config, DECAP_ALLOW_CAPACITY,
+    DECISION_LOCAL, DECISION_STEERED, DEFAULT_FLOW_CAPACITY, DEFAULT_GUARD_CAPACITY, ENCAP_GUE,
+    FlowBudget, FlowKey, FlowValue, GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES,
+    Meta, PEER_ACTIVE, PEER_NONE, PEER_TRIES, PeerConf, PeerStats, SERVICE_KEYS_CAPACITY,
+    SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey, ServiceStats, family, flow_hash,
+    gue_source_port, maglev_slot, peer_bucket, proto, service_bucket,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_LEN: usize = 4;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// IPv6 next header "fragment".
+const IPV6_FRAG: u8 = 44;
+const TCP_OPT_END: u8 = 0;
+const TCP_OPT_NOP: u8 = 1;
+const TCP_OPT_MSS: u8 = 2;
+/// TCP options are at most 40 bytes.
+const TCP_MAX_OPTS: usize = 40;
+/// Offset of the checksum in the TCP header.
+const TCP_CHECK_OFFSET: usize = 16;
+/// Largest transport offset we produce: Ethernet + VLAN + IPv4 with 40 bytes of options.
+const MAX_L4_OFFSET: usize = 18 + 60;
+const OUTER_TTL: u8 = 64;
+const IPV4_DF: u16 = 0x4000;
+const ONE_SECOND_NS: u64 = 1_000_000_000;
+
+#[map]
+static META: Array<Meta> = Array::with_max_entries(1, 0);
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(SERVICE_KEYS_CAPACITY, 0);
+#[map]
+static SVC_CONF: Array<ServiceConf> = Array::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static PORTS: Array<u32> = Array::with_max_entries(65_536, 0);
+#[map]
+static PEERS: Array<PeerConf> = Array::with_max_entries(MAX_PEERS, 0);
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAGLEV_STRIDE, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+#[map]
+static BUCKETS: Array<Bucket> = Array::with_max_entries(BUCKETS_LEN, 0);
+#[map]
+static GUARD: LruHashMap<GuardKey, Bucket> =
+    LruHashMap::with_max_entries(DEFAULT_GUARD_CAPACITY, 0);
+#[map]
+static DECAP_ALLOW: HashMap<AddrKey, u32> = HashMap::with_max_entries(DECAP_ALLOW_CAPACITY, 0);
+#[map]
+static SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[map]
+static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+#[map]
+static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static FLOW_BUDGET: PerCpuArray<FlowBudget> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU scratch space for the FIB lookup parameters: on the stack they would push the
+/// steering call chain past the 512-byte BPF stack limit. Never pinned, never read by
+/// userspace.
+#[map]
+static FIB_SCRATCH: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet could not be parsed: pass it to the stack and count it as `unparsed`.
+struct Unparsed;
 
 #[xdp]
-pub fn p2pcdn_redirect(_ctx: XdpContext) -> u32 {
+pub fn p2pcdn_redirect(ctx: XdpContext) -> u32 {
+    match try_redirect(&ctx) {
+        Ok(action) => action,
+        Err(Unparsed) => {
+            if let Some(g) = GLOBAL_STATS.get_ptr_mut(0) {
+                // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+                unsafe { (*g).unparsed += 1 };
+            }
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Bounds-checked pointer to a `T` at `offset` bytes into the packet. The single place where
+/// packet memory is validated (the verifier needs the comparison against `data_end`).
+///
+/// `T` must be at least 2 bytes: for 1 byte LLVM rewrites `p + 1 > end` into `p >= end`, a
+/// form after which this kernel's verifier grants no readable range.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Unparsed> {
+    const { assert!(mem::size_of::<T>() >= 2) };
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return Err(Unparsed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// What the parser learned about a TCP packet (or a tunnel packet for us). The addresses come
+/// first and the struct is 4-aligned so checksum code can load them as 32-bit words.
+#[repr(C, align(4))]
+struct Packet {
+    src: [u8; 16],
+    dst: [u8; 16],
+    family: u8,
+    /// Offset of the IP header (after Ethernet and an optional VLAN tag).
+    l3: usize,
+    /// IP header length (IPv4 with options; 40 for IPv6).
+    ip_hdr_len: usize,
+    /// Length of the IP packet (header + payload) as the header says.
+    ip_len: usize,
+    /// Offset of the transport header.
+    l4: usize,
+    /// IPv4 TOS or IPv6 traffic class.
+    tos: u8,
+    proto: u8,
+}
+
+#[inline(always)]
+fn try_redirect(ctx: &XdpContext) -> Result<u32, Unparsed> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the bounds; EthHdr has alignment 1.
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let inner: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + 2)?;
+        // SAFETY: bounds checked above.
+        ether_type = u16::from_be_bytes(unsafe { *inner });
+        l3 += VLAN_LEN;
+    }
+    let pkt = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3)?,
+        ETH_P_IPV6 => match parse_ipv6(ctx, l3)? {
+            Some(pkt) => pkt,
+            None => return Ok(xdp_action::XDP_PASS),
+        },
+        _ => return Ok(xdp_action::XDP_PASS),
+    };
+
+    if pkt.proto != proto::TCP {
+        return tunnel_or_pass(ctx, &pkt);
+    }
+    tcp(ctx, &pkt)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: bounds checked by `ptr_at`; Ipv4Hdr has alignment 1.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Unparsed);
+    }
+    let hdr_len = ((ip.vihl & 0x0f) as usize) * 4;
+    let ip_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if hdr_len < Ipv4Hdr::LEN || ip_len < hdr_len || l3 + ip_len > ctx.data_end() - ctx.data() {
+        return Err(Unparsed);
+    }
+    // Fragments never carry a steerable TCP segment of their own: more-fragments set or a
+    // non-zero offset means the stack reassembles.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(Unparsed);
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&ip.src_addr);
+    dst[..4].copy_from_slice(&ip.dst_addr);
+    Ok(Packet {
+        family: family::V4,
+        l3,
+        ip_hdr_len: hdr_len,
+        ip_len,
+        l4: l3 + hdr_len,
+        tos: ip.tos,
+        proto: ip.proto,
+        src,
+        dst,
+    })
+}
+
+/// `Ok(None)`: a well-formed IPv6 packet with extension headers, which we leave alone.
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Option<Packet>, Unparsed> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: bounds checked by `ptr_at`; Ipv6Hdr has alignment 1.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Unparsed);
+    }
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    // A zero payload length means a jumbogram (hop-by-hop option): not for us.
+    if payload == 0 || l3 + Ipv6Hdr::LEN + payload > ctx.data_end() - ctx.data() {
+        return Err(Unparsed);
+    }
+    let next = ip.next_hdr;
+    if next == IPV6_FRAG {
+        return Err(Unparsed);
+    }
+    if next != proto::TCP && next != proto::UDP && next != proto::IPIP && next != proto::IPV6 {
+        return Ok(None);
+    }
+    Ok(Some(Packet {
+        family: family::V6,
+        l3,
+        ip_hdr_len: Ipv6Hdr::LEN,
+        ip_len: Ipv6Hdr::LEN + payload,
+        l4: l3 + Ipv6Hdr::LEN,
+        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        proto: next,
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+    }))
+}
+
+#[inline(always)]
+fn global_stats() -> Option<*mut GlobalStats> {
+    GLOBAL_STATS.get_ptr_mut(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer role: decapsulation
+// ---------------------------------------------------------------------------------------------
+
+/// A non-TCP packet: a GUE/IPIP tunnel packet to our decapsulation address, or anything else
+/// (passed untouched).
+#[inline(always)]
+fn tunnel_or_pass(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let ours = if pkt.family == family::V4 {
+        cfg.flags & CONFIG_DECAP_V4 != 0 && pkt.dst[..4] == cfg.decap_v4
+    } else {
+        cfg.flags & CONFIG_DECAP_V6 != 0 && pkt.dst == cfg.decap_v6
+    };
+    if !ours {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let outer_len = match pkt.proto {
+        proto::IPIP | proto::IPV6 => pkt.ip_hdr_len,
+        proto::UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, pkt.l4)?;
+            // SAFETY: bounds checked by `ptr_at`.
+            if unsafe { (*udp).dst } != cfg.gue_port_be.to_ne_bytes() {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            pkt.ip_hdr_len + UdpHdr::LEN
+        }
+        _ => return Ok(xdp_action::XDP_PASS),
+    };
+
+    let sender = AddrKey {
+        addr: pkt.src,
+        family: pkt.family,
+        _pad0: [0; 3],
+    };
+    // SAFETY: the value is a plain u32 read once.
+    if unsafe { DECAP_ALLOW.get(&sender) }.is_none() {
+        if let Some(g) = global_stats() {
+            // SAFETY: per-CPU value.
+            unsafe { (*g).decap_denied += 1 };
+        }
+        return Ok(xdp_action::XDP_DROP);
+    }
+
+    // The inner packet must be IP of the version the outer header announces.
+    let inner_first: *const [u8; 2] = ptr_at(ctx, pkt.l3 + outer_len)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let version = unsafe { (*inner_first)[0] } >> 4;
+    let inner_type = match (pkt.proto, version) {
+        (proto::IPIP, 4) | (proto::UDP, 4) => ETH_P_IP,
+        (proto::IPV6, 6) | (proto::UDP, 6) => ETH_P_IPV6,
+        _ => return Err(Unparsed),
+    };
+    decapsulate(ctx, pkt, outer_len, inner_type)
+}
+
+/// Strips the outer IP (and UDP) header, keeps the Ethernet header (and VLAN tag) with the
+/// inner EtherType, and hands the inner packet to the stack, which delivers it to the service
+/// address on loopback: the reply goes straight to the client (direct server return).
+#[inline(always)]
+fn decapsulate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    outer_len: usize,
+    inner_type: u16,
+) -> Result<u32, Unparsed> {
+    match decapsulate_call(ctx.ctx, pkt, outer_len, inner_type) {
+        u32::MAX => Err(Unparsed),
+        action => Ok(action),
+    }
+}
+
+/// Not inlined, for the same stack reason as `steer_call`.
+#[inline(never)]
+fn decapsulate_call(raw: *mut xdp_md, pkt: &Packet, outer_len: usize, inner_type: u16) -> u32 {
+    match decapsulate_inner(&XdpContext::new(raw), pkt, outer_len, inner_type) {
+        Ok(action) => action,
+        Err(Unparsed) => u32::MAX,
+    }
+}
+
+#[inline(always)]
+fn decapsulate_inner(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    outer_len: usize,
+    inner_type: u16,
+) -> Result<u32, Unparsed> {
+    // Copy the whole L2 header (14 or 18 bytes) before moving the packet start.
+    let mut saved = [0u8; 18];
+    if pkt.l3 == EthHdr::LEN + VLAN_LEN {
+        let l2: *const [u8; 18] = ptr_at(ctx, 0)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        saved = unsafe { *l2 };
+    } else {
+        let l2: *const [u8; 14] = ptr_at(ctx, 0)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        saved[..14].copy_from_slice(unsafe { &*l2 });
+    }
+    let inner_len = pkt.ip_len - outer_len;
+
+    // SAFETY: plain helper call on our own context; it validates `delta` itself.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let type_at = if pkt.l3 == EthHdr::LEN + VLAN_LEN {
+        let hdr: *mut [u8; 18] = ptr_at(ctx, 0)?;
+        // SAFETY: bounds checked by `ptr_at` (after the head moved).
+        unsafe { *hdr = saved };
+        16
+    } else {
+        let hdr: *mut [u8; 14] = ptr_at(ctx, 0)?;
+        let mut eth = [0u8; 14];
+        eth.copy_from_slice(&saved[..14]);
+        // SAFETY: bounds checked by `ptr_at` (after the head moved).
+        unsafe { *hdr = eth };
+        12
+    };
+    let ty: *mut [u8; 2] = ptr_at(ctx, type_at)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *ty = inner_type.to_be_bytes() };
+
+    if let Some(g) = global_stats() {
+        // SAFETY: per-CPU value.
+        unsafe {
+            (*g).decap_pkts += 1;
+            (*g).decap_bytes += inner_len as u64;
+        }
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edge role: admission and steering
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
+    let th: *const TcpHdr = ptr_at(ctx, pkt.l4)?;
+    // SAFETY: bounds checked by `ptr_at`; TcpHdr has alignment 1.
+    let th = unsafe { &*th };
+    let tcp_hdr_len = (th.doff() as usize) * 4;
+    if tcp_hdr_len < TcpHdr::LEN || pkt.ip_hdr_len + tcp_hdr_len > pkt.ip_len {
+        return Err(Unparsed);
+    }
+
+    // Cheap pre-filter: most traffic is not to a service port.
+    let dport = u16::from_be_bytes(th.dest);
+    match PORTS.get(dport as u32) {
+        Some(n) if *n != 0 => {}
+        _ => return Ok(xdp_action::XDP_PASS),
+    }
+    let skey = ServiceKey {
+        addr: pkt.dst,
+        port_be: u16::from_ne_bytes(th.dest),
+        proto: proto::TCP,
+        family: pkt.family,
+    };
+    // SAFETY: the value is a plain u32 read once.
+    let Some(&svc) = (unsafe { SERVICES.get(&skey) }) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let Some(conf) = SVC_CONF.get(svc) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    let Some(stats) = SVC_STATS.get_ptr_mut(svc) else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if conf.flags & SVC_ACTIVE == 0 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let bytes = pkt.ip_len as u64;
+    if conf.flags & SVC_STEER == 0 {
+        return Ok(local(stats, bytes));
+    }
+
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport_be: u16::from_ne_bytes(th.source),
+        dport_be: skey.port_be,
+        proto: proto::TCP,
+        family: pkt.family,
+        _pad0: [0; 2],
+    };
+    let is_syn = th.syn() != 0 && th.ack() == 0;
+    // SAFETY: FlowValue is Copy; we copy it out at once.
+    let existing = unsafe { FLOWS.get(&key) }.copied();
+
+    if !is_syn {
+        return match existing {
+            Some(flow) => follow(ctx, pkt, &key, &flow, stats, bytes, false, tcp_hdr_len),
+            None => {
+                // SAFETY: per-CPU value.
+                unsafe { (*stats).flow_misses += 1 };
+                Ok(local(stats, bytes))
+            }
+        };
+    }
+
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if conf.guard_interval_ns != 0 && !guard_admits(pkt, svc, conf, now) {
+        // SAFETY: per-CPU value.
+        unsafe { (*stats).guard_drops += 1 };
+        return Ok(xdp_action::XDP_DROP);
+    }
+    if let Some(flow) = existing {
+        // A retransmitted SYN follows its first decision.
+        return follow(ctx, pkt, &key, &flow, stats, bytes, true, tcp_hdr_len);
+    }
+    if !flow_budget_allows(now) {
+        // SAFETY: per-CPU value.
+        unsafe { (*stats).ceiling_hits += 1 };
+        return Ok(local(stats, bytes));
+    }
+
+    let mut flow = FlowValue {
+        decision: DECISION_LOCAL,
+        _pad0: [0; 3],
+        service: svc,
+        peer: PEER_NONE,
+        peer_generation: 0,
+    };
+    if take_token(
+        service_bucket(svc),
+        conf.local_interval_ns,
+        conf.local_burst_ns,
+        now,
+    ) {
+        // SAFETY: per-CPU value.
+        unsafe { (*stats).syn_local += 1 };
+        let _ = FLOWS.insert(&key, &flow, 0);
+        return Ok(local(stats, bytes));
+    }
+
+    let hash = flow_hash(&key);
+    let Some((peer, peer_conf)) = choose_peer(svc, conf.ring_size, hash, now) else {
+        // SAFETY: per-CPU value.
+        unsafe { (*stats).kept_local += 1 };
+        let _ = FLOWS.insert(&key, &flow, 0);
+        return Ok(local(stats, bytes));
+    };
+    flow.decision = DECISION_STEERED;
+    flow.peer = peer;
+    flow.peer_generation = peer_conf.generation;
+
+    clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
+    match steer(ctx, pkt, peer_conf, hash) {
+        Steered::Sent(action) => {
+            // SAFETY: per-CPU values.
+            unsafe { (*stats).syn_steered += 1 };
+            let _ = FLOWS.insert(&key, &flow, 0);
+            count_steered(stats, peer, bytes, true);
+            Ok(action)
+        }
+        Steered::NotSent => {
+            // No route or neighbour towards the peer: serve it here rather than drop it.
+            // SAFETY: per-CPU value.
+            unsafe { (*stats).kept_local += 1 };
+            flow.decision = DECISION_LOCAL;
+            flow.peer = PEER_NONE;
+            let _ = FLOWS.insert(&key, &flow, 0);
+            Ok(local(stats, bytes))
+        }
+    }
+}
+
+#[inline(always)]
+fn local(stats: *mut ServiceStats, bytes: u64) -> u32 {
+    // SAFETY: per-CPU value.
+    unsafe {
+        (*stats).pkts_local += 1;
+        (*stats).bytes_local += bytes;
+    }
     xdp_action::XDP_PASS
 }
 
+#[inline(always)]
+fn count_steered(stats: *mut ServiceStats, peer: u32, bytes: u64, new_connection: bool) {
+    // SAFETY: per-CPU values.
+    unsafe {
+        (*stats).pkts_steered += 1;
+        (*stats).bytes_steered += bytes;
+    }
+    if let Some(p) = PEER_STATS.get_ptr_mut(peer) {
+        // SAFETY: per-CPU value.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+            if new_connection {
+                (*p).connections += 1;
+            }
+        }
+    }
+}
+
+/// Later packets (and retransmitted SYNs) of a flow follow its first decision.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined hot path; a struct would cost copies"
+)]
+#[inline(always)]
+fn follow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    flow: &FlowValue,
+    stats: *mut ServiceStats,
+    bytes: u64,
+    is_syn: bool,
+    tcp_hdr_len: usize,
+) -> Result<u32, Unparsed> {
+    if flow.decision != DECISION_STEERED {
+        return Ok(local(stats, bytes));
+    }
+    let peer_conf = match PEERS.get(flow.peer) {
+        Some(p) if p.flags & PEER_ACTIVE != 0 && p.generation == flow.peer_generation => p,
+        _ => {
+            // The peer was removed (or its slot reused): this flow has nowhere to go.
+            let _ = FLOWS.remove(key);
+            if let Some(g) = global_stats() {
+                // SAFETY: per-CPU value.
+                unsafe { (*g).stale_peer += 1 };
+            }
+            return Ok(local(stats, bytes));
+        }
+    };
+    if is_syn {
+        clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
+    }
+    match steer(ctx, pkt, peer_conf, flow_hash(key)) {
+        Steered::Sent(action) => {
+            count_steered(stats, flow.peer, bytes, false);
+            Ok(action)
+        }
+        Steered::NotSent => Ok(local(stats, bytes)),
+    }
+}
+
+/// GCRA on `BUCKETS[index]`: admit if the theoretical arrival time stays within the burst.
+/// Compare-and-swap keeps one bucket exact across CPUs.
+#[inline(always)]
+fn take_token(index: u32, interval_ns: u64, burst_ns: u64, now: u64) -> bool {
+    match BUCKETS.get_ptr_mut(index) {
+        Some(b) => gcra(b.cast::<u64>(), interval_ns, burst_ns, now),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn gcra(tat_ptr: *mut u64, interval_ns: u64, burst_ns: u64, now: u64) -> bool {
+    if burst_ns == 0 {
+        return false;
+    }
+    // SAFETY: `tat_ptr` points into a map value (8-byte aligned, lives as long as the map).
+    // A torn or stale read is harmless: the compare-and-swap below only succeeds against the
+    // value really there. (An atomic load would need BPF's load-acquire, kernel ≥ 6.15.)
+    let mut current = unsafe { core::ptr::read_volatile(tat_ptr) };
+    for _ in 0..3 {
+        let base = if current > now { current } else { now };
+        let next = base + interval_ns;
+        if next - now > burst_ns {
+            return false;
+        }
+        // `core` offers no compare_exchange on BPF (the target spec says atomic-cas: false,
+        // for old kernels), but the kernel has had BPF_CMPXCHG since 5.12: use the intrinsic.
+        // SAFETY: as above; a relaxed CAS on an aligned u64.
+        let (seen, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                tat_ptr, current, next,
+            )
+        };
+        if swapped {
+            return true;
+        }
+        current = seen;
+    }
+    false
+}
+
+/// Per-source new-connection limit (IPv4 /32, IPv6 /64) for one service.
+#[inline(always)]
+fn guard_admits(pkt: &Packet, svc: u32, conf: &ServiceConf, now: u64) -> bool {
+    let mut key = GuardKey {
+        prefix: pkt.src,
+        service: svc,
+    };
+    if pkt.family == family::V6 {
+        key.prefix[8..].copy_from_slice(&[0u8; 8]);
+    }
+    match GUARD.get_ptr_mut(&key) {
+        Some(b) => gcra(
+            b.cast::<u64>(),
+            conf.guard_interval_ns,
+            conf.guard_burst_ns,
+            now,
+        ),
+        None => {
+            if conf.guard_burst_ns == 0 {
+                return false;
+            }
+            let fresh = Bucket {
+                tat_ns: now + conf.guard_interval_ns,
+            };
+            let _ = GUARD.insert(&key, &fresh, 0);
+            true
+        }
+    }
+}
+
+/// Per-CPU ceiling on new flow-table entries per second.
+#[inline(always)]
+fn flow_budget_allows(now: u64) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return true;
+    };
+    if cfg.flow_ceiling == 0 {
+        return true;
+    }
+    let Some(b) = FLOW_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU value.
+    unsafe {
+        if now - (*b).window_start_ns >= ONE_SECOND_NS {
+            (*b).window_start_ns = now;
+            (*b).inserted = 0;
+        }
+        if (*b).inserted >= cfg.flow_ceiling as u64 {
+            return false;
+        }
+        (*b).inserted += 1;
+    }
+    true
+}
+
+/// Maglev pick with fallback: the hashed slot, then the next few, first peer with a token.
+#[inline(always)]
+fn choose_peer(svc: u32, ring_size: u32, hash: u32, now: u64) -> Option<(u32, &'static PeerConf)> {
+    if ring_size == 0 || ring_size > MAGLEV_STRIDE {
+        return None;
+    }
+    let base = svc * MAGLEV_STRIDE;
+    let mut slot = maglev_slot(hash, ring_size);
+    for _ in 0..PEER_TRIES {
+        if let Some(&peer) = MAGLEV.get(base + slot)
+            && peer != PEER_NONE
+            && let Some(conf) = PEERS.get(peer)
+            && conf.flags & PEER_ACTIVE != 0
+        {
+            if take_token(peer_bucket(peer), conf.interval_ns, conf.burst_ns, now) {
+                return Some((peer, conf));
+            }
+            if let Some(p) = PEER_STATS.get_ptr_mut(peer) {
+                // SAFETY: per-CPU value.
+                unsafe { (*p).no_token += 1 };
+            }
+        }
+        slot += 1;
+        if slot >= ring_size {
+            slot = 0;
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encapsulation
+// ---------------------------------------------------------------------------------------------
+
+enum Steered {
+    Sent(u32),
+    NotSent,
+}
+
+#[inline(always)]
+fn outer_len(peer: &PeerConf) -> usize {
+    let ip = if peer.family == family::V4 {
+        Ipv4Hdr::LEN
+    } else {
+        Ipv6Hdr::LEN
+    };
+    if peer.encap == ENCAP_GUE {
+        ip + UdpHdr::LEN
+    } else {
+        ip
+    }
+}
+
+/// Looks up the next hop towards the peer, then grows the packet by the outer headers and
+/// writes them. Returns `NotSent` (packet untouched) when the FIB cannot send it.
+///
+/// Not inlined: its stack frame (FIB parameters, header images) is separate from the
+/// parser's, which keeps every frame under the 512-byte BPF stack limit.
+#[inline(always)]
+fn steer(ctx: &XdpContext, pkt: &Packet, peer: &PeerConf, hash: u32) -> Steered {
+    match steer_call(ctx.ctx, pkt, peer, hash) {
+        NOT_SENT => Steered::NotSent,
+        action => Steered::Sent(action),
+    }
+}
+
+const NOT_SENT: u32 = u32::MAX;
+
+#[inline(never)]
+fn steer_call(raw: *mut xdp_md, pkt: &Packet, peer: &PeerConf, hash: u32) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    let outer = outer_len(peer);
+    let total = outer + pkt.ip_len;
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return NOT_SENT;
+    };
+    // SAFETY: per-CPU scratch value, only this CPU uses it during this program run; all-zero
+    // is a valid `bpf_fib_lookup`.
+    let fib = unsafe {
+        *fib = mem::zeroed();
+        &mut *fib
+    };
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_1.tot_len = total as u16;
+    if peer.family == family::V4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src =
+            u32::from_ne_bytes([peer.src[0], peer.src[1], peer.src[2], peer.src[3]]);
+        fib.__bindgen_anon_4.ipv4_dst =
+            u32::from_ne_bytes([peer.addr[0], peer.addr[1], peer.addr[2], peer.addr[3]]);
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words(&peer.src);
+        fib.__bindgen_anon_4.ipv6_dst = words(&peer.addr);
+    }
+    // SAFETY: `fib` is a valid, fully initialised parameter block on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut *fib,
+            mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if let Some(g) = global_stats() {
+            // SAFETY: per-CPU value.
+            unsafe {
+                if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+                    (*g).fib_no_neigh += 1;
+                } else {
+                    (*g).fib_failed += 1;
+                }
+            }
+        }
+        return NOT_SENT;
+    }
+
+    if encapsulate(ctx, pkt, peer, hash, fib, outer).is_err() {
+        if let Some(g) = global_stats() {
+            // SAFETY: per-CPU value.
+            unsafe { (*g).encap_failed += 1 };
+        }
+        // The head may have moved already: this packet is lost (TCP retransmits), but we
+        // never hand a half-written packet to the stack.
+        return xdp_action::XDP_DROP;
+    }
+    if fib.ifindex == ingress {
+        xdp_action::XDP_TX
+    } else {
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// Grows the head by `outer` bytes and writes: Ethernet (VLAN tag kept), outer IPv4/IPv6,
+/// and for GUE a UDP header whose checksum covers the inner packet.
+#[inline(always)]
+fn encapsulate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    peer: &PeerConf,
+    hash: u32,
+    fib: &FibParams,
+    outer: usize,
+) -> Result<(), Unparsed> {
+    // What the checksum of the UDP payload needs, read before the packet moves.
+    let inner_sum = if peer.encap == ENCAP_GUE {
+        inner_packet_sum(ctx, pkt)?
+    } else {
+        0
+    };
+    let vlan_tci: [u8; 2] = if pkt.l3 != EthHdr::LEN {
+        let tci: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *tci }
+    } else {
+        [0; 2]
+    };
+
+    // SAFETY: plain helper call; the kernel checks the headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer as i32)) } != 0 {
+        return Err(Unparsed);
+    }
+
+    let outer_type = if peer.family == family::V4 {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
+    };
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        (*eth).dst_addr = fib.dmac;
+        (*eth).src_addr = fib.smac;
+    }
+    if pkt.l3 != EthHdr::LEN {
+        let tag: *mut [u8; 6] = ptr_at(ctx, 12)?;
+        let t = ETH_P_8021Q.to_be_bytes();
+        let o = outer_type.to_be_bytes();
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *tag = [t[0], t[1], vlan_tci[0], vlan_tci[1], o[0], o[1]] };
+    } else {
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { (*eth).ether_type = outer_type.to_be() };
+    }
+
+    let l3 = pkt.l3;
+    let inner_proto = if pkt.family == family::V4 {
+        proto::IPIP
+    } else {
+        proto::IPV6
+    };
+    let next = if peer.encap == ENCAP_GUE {
+        proto::UDP
+    } else {
+        inner_proto
+    };
+    let total = outer + pkt.ip_len;
+    // Headers are written field by field in place: images on the stack would cost frame
+    // space the 512-byte BPF stack cannot spare.
+    let ip_hdr = if peer.family == family::V4 {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            (*ip).vihl = 0x45;
+            (*ip).tos = pkt.tos;
+            (*ip).tot_len = (total as u16).to_be_bytes();
+            (*ip).id = [0; 2];
+            (*ip).frags = IPV4_DF.to_be_bytes(); // we clamp the MSS instead of fragmenting
+            (*ip).ttl = OUTER_TTL;
+            (*ip).proto = next;
+            (*ip).check = [0; 2];
+            (*ip).src_addr = [peer.src[0], peer.src[1], peer.src[2], peer.src[3]];
+            (*ip).dst_addr = [peer.addr[0], peer.addr[1], peer.addr[2], peer.addr[3]];
+            (*ip).check = (!fold(wire_words::<10>(ip.cast()))).to_ne_bytes();
+        }
+        Ipv4Hdr::LEN
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
+        let label = hash & 0x000f_ffff;
+        let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            (*ip).vcf = vcf.to_be_bytes();
+            (*ip).payload_len = ((total - Ipv6Hdr::LEN) as u16).to_be_bytes();
+            (*ip).next_hdr = next;
+            (*ip).hop_limit = OUTER_TTL;
+            (*ip).src_addr = peer.src;
+            (*ip).dst_addr = peer.addr;
+        }
+        Ipv6Hdr::LEN
+    };
+
+    if peer.encap == ENCAP_GUE {
+        let udp: *mut UdpHdr = ptr_at(ctx, l3 + ip_hdr)?;
+        let udp_len = (UdpHdr::LEN + pkt.ip_len) as u16;
+        let sport = gue_source_port(hash);
+        // Pseudo header + UDP header + the inner packet (wire-order sums, see `fold`).
+        let mut sum = addr_words(&peer.src, peer.family) + addr_words(&peer.addr, peer.family);
+        sum += (proto::UDP as u16).to_be() as u64 + 2 * udp_len.to_be() as u64;
+        sum += sport.to_be() as u64 + peer.gue_port_be as u64;
+        sum += inner_sum;
+        let mut check = !fold(sum);
+        if check == 0 {
+            check = 0xffff;
+        }
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe {
+            (*udp).src = sport.to_be_bytes();
+            (*udp).dst = peer.gue_port_be.to_ne_bytes();
+            (*udp).len = udp_len.to_be_bytes();
+            (*udp).check = check.to_ne_bytes();
+        }
+    }
+    Ok(())
+}
+
+/// Ones'-complement sum (unfolded, wire order) of the inner IP packet, without reading its
+/// payload: the TCP checksum makes `pseudo header + segment` sum to 0xffff, so the segment sums
+/// to the complement of its pseudo header (the trick behind Linux's local checksum offload).
+/// The IP header itself is summed word by word.
+#[inline(always)]
+fn inner_packet_sum(ctx: &XdpContext, pkt: &Packet) -> Result<u64, Unparsed> {
+    let seg_len = (pkt.ip_len - pkt.ip_hdr_len) as u16;
+    let pseudo = addr_words(&pkt.src, pkt.family)
+        + addr_words(&pkt.dst, pkt.family)
+        + (proto::TCP as u16).to_be() as u64
+        + seg_len.to_be() as u64;
+    let segment = (!fold(pseudo)) as u64;
+    if pkt.family == family::V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3)?;
+        Ok(segment + wire_words::<10>(ip.cast()) + options_sum(ctx, pkt)?)
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3)?;
+        Ok(segment + wire_words::<20>(ip.cast()))
+    }
+}
+
+/// Sum of the IPv4 options' 16-bit words (at most 40 bytes), wire order.
+#[inline(always)]
+fn options_sum(ctx: &XdpContext, pkt: &Packet) -> Result<u64, Unparsed> {
+    let mut sum = 0u64;
+    let words = (pkt.ip_hdr_len - Ipv4Hdr::LEN) / 2;
+    let mut i = 0usize;
+    while i < 20 {
+        if i >= words {
+            break;
+        }
+        let w: *const [u8; 2] = ptr_at(ctx, pkt.l3 + Ipv4Hdr::LEN + i * 2)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        sum += u16::from_ne_bytes(unsafe { *w }) as u64;
+        i += 1;
+    }
+    Ok(sum)
+}
+
+/// Sum of `N` 16-bit words at `p` (packet memory, already bounds checked by the caller
+/// through a pointer to a header of that size), loaded in native order.
+#[inline(always)]
+fn wire_words<const N: usize>(p: *const u16) -> u64 {
+    let mut s = 0u64;
+    let mut i = 0;
+    while i < N {
+        // SAFETY: the caller's `ptr_at` covered N words; headers start 2-aligned (Ethernet
+        // is 14 or 18 bytes and the XDP headroom is aligned).
+        s += unsafe { p.add(i).read() } as u64;
+        i += 1;
+    }
+    s
+}
+
+/// Sum of an address's 32-bit words, loaded in native order (four for IPv6, one for IPv4).
+#[inline(always)]
+fn addr_words(a: &[u8; 16], fam: u8) -> u64 {
+    let p = a.as_ptr().cast::<u32>();
+    // SAFETY: every caller passes a 4-aligned array (`Packet` and `PeerConf` fields).
+    unsafe {
+        let mut s = p.read() as u64;
+        if fam == family::V6 {
+            s += p.add(1).read() as u64 + p.add(2).read() as u64 + p.add(3).read() as u64;
+        }
+        s
+    }
+}
+
+/// Folds a ones'-complement accumulator to 16 bits. Sums in this file are taken over words
+/// loaded in native order straight from wire bytes; the ones'-complement sum is byte-order
+/// independent (RFC 1071, 2.B), so host values enter as `x.to_be()` and results are stored
+/// with `to_ne_bytes`.
+#[inline(always)]
+fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Clamps the MSS option of a steered SYN so the encapsulated segments fit the path MTU to
+/// the peer, fixing the TCP checksum incrementally (RFC 1624).
+#[inline(always)]
+fn clamp_mss(ctx: &XdpContext, pkt: &Packet, peer: &PeerConf, tcp_hdr_len: usize) {
+    let overhead = outer_len(peer) + pkt.ip_hdr_len + TcpHdr::LEN;
+    let mtu = peer.mtu as usize;
+    let opts_len = tcp_hdr_len - TcpHdr::LEN;
+    if mtu <= overhead || opts_len == 0 {
+        return;
+    }
+    clamp_mss_call(ctx.ctx, pkt.l4, opts_len, (mtu - overhead) as u16);
+}
+
+/// Not inlined, so the option scan is verified with a small state (it loops over options).
+/// The options are copied to the stack first: a loop over packet offsets multiplies the
+/// verifier's states beyond its limit.
+#[inline(never)]
+fn clamp_mss_call(raw: *mut xdp_md, l4: usize, opts_len: usize, limit: u16) {
+    let ctx = &XdpContext::new(raw);
+    if opts_len > TCP_MAX_OPTS || l4 > MAX_L4_OFFSET {
+        return;
+    }
+    let mut opts = [0u8; TCP_MAX_OPTS];
+    // SAFETY: `opts` is a stack buffer of `TCP_MAX_OPTS` ≥ `opts_len` bytes.
+    let copied = unsafe {
+        bpf_xdp_load_bytes(
+            raw,
+            (l4 + TcpHdr::LEN) as u32,
+            opts.as_mut_ptr().cast(),
+            opts_len as u32,
+        )
+    };
+    if copied != 0 {
+        return;
+    }
+    // Walk every byte position and act only where the next option starts: the buffer index
+    // is the loop counter (a constant per step) and `next` is never used as an address, so
+    // the verifier's states at each step collapse into one instead of multiplying.
+    let mut next = 0usize;
+    let mut mss_at = usize::MAX;
+    for j in 0..TCP_MAX_OPTS - 1 {
+        if j + 1 >= opts_len {
+            break;
+        }
+        if j != next {
+            continue;
+        }
+        let kind = opts[j];
+        if kind == TCP_OPT_END {
+            break;
+        }
+        if kind == TCP_OPT_NOP {
+            next = j + 1;
+            continue;
+        }
+        let len = opts[j + 1] as usize;
+        if len < 2 {
+            break;
+        }
+        if kind == TCP_OPT_MSS {
+            if len == 4 && j + 4 <= opts_len {
+                mss_at = j + 2;
+            }
+            break;
+        }
+        next = j + len;
+    }
+    if mss_at >= TCP_MAX_OPTS - 1 {
+        return;
+    }
+    let value_off = l4 + TcpHdr::LEN + mss_at;
+    let (Ok(value), Ok(check)) = (
+        ptr_at::<[u8; 2]>(ctx, value_off),
+        ptr_at::<[u8; 2]>(ctx, l4 + TCP_CHECK_OFFSET),
+    ) else {
+        return;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        let old = u16::from_be_bytes(*value);
+        if old <= limit {
+            return;
+        }
+        *value = limit.to_be_bytes();
+        // Checksum words are aligned to the TCP header: a value at an odd offset contributes
+        // its bytes swapped.
+        let (o, n) = if mss_at & 1 == 1 {
+            (old.swap_bytes(), limit.swap_bytes())
+        } else {
+            (old, limit)
+        };
+        let c = u16::from_be_bytes(*check);
+        let sum = (!c) as u64 + (!o) as u64 + n as u64;
+        *check = (!fold(sum)).to_be_bytes();
+    }
+}
+
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
