@@ -1,1 +1,116 @@
-fn main() {}
+//! `cargo xtask <command>`: every p2pcdn workflow from one entry point.
+//!
+//! xtask depends on none of the project's crates: building redirector-user runs its build
+//! script, which needs bpf-linker, which `cargo xtask setup` installs. Everything else runs as
+//! cargo subprocesses.
+
+mod host;
+mod launch;
+mod netns;
+mod run;
+mod setup;
+mod suite;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{
+    Parser, Subcommand,
+    builder::{PossibleValue, PossibleValuesParser},
+};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "p2pcdn workflows", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks (LLVM 22 packages, rust-src, bpf-linker, test tools)
+    /// and check the kernel (BTF) and privileges. Idempotent and quick when all is there.
+    Setup,
+    /// Build the workspace (and, through redirector-user's build script, the XDP program).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Format check, clippy for the host and for bpfel-unknown-none, unit tests, then the
+    /// privileged tests one at a time. Stops at the first failing step.
+    Test {
+        /// Skip formatting and lints (local iteration only; CI runs everything).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run the data-plane demo in throwaway network namespaces (needs root). Ctrl-C stops it
+    /// and waits for its teardown.
+    Demo {
+        /// Passed to the demo binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark and print its JSON results (target/bench/NAME.json). Needs root.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_parser = PossibleValuesParser::new(
+            launch::BENCHES.iter().map(|b| PossibleValue::new(b.name).help(b.about))
+        ))]
+        name: String,
+        /// Passed to the benchmark binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Remove leftovers of interrupted tests: network namespaces and host veths named with the
+    /// prefix (and processes left in those namespaces), and /sys/fs/bpf/<prefix>* pins.
+    CleanNetns {
+        #[arg(long, default_value = "p2p")]
+        prefix: String,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            if err.downcast_ref::<launch::NeedsPrivileges>().is_some() {
+                ExitCode::from(77)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn dispatch(command: Cmd) -> anyhow::Result<()> {
+    let root = workspace::root()?;
+    match command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => build(&root, release),
+        Cmd::Test { quick } => suite::test(&root, quick),
+        Cmd::Demo { args } => launch::demo(&root, &args),
+        Cmd::Bench { name, args } => {
+            let bench =
+                launch::find(&name).ok_or_else(|| anyhow::anyhow!("unknown benchmark {name}"))?;
+            launch::bench(&root, bench, &args)
+        }
+        Cmd::CleanNetns { prefix, dry_run } => netns::clean(&prefix, dry_run),
+    }
+}
+
+/// `cargo xtask build [--release]`: the default members, which include redirector-user, whose
+/// build script builds the XDP program.
+fn build(root: &std::path::Path, release: bool) -> anyhow::Result<()> {
+    setup::ensure()?;
+    let mut cmd = run::cargo(root);
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    run::check(run::visible(&mut cmd)?, "cargo build")
+}
