@@ -12,8 +12,8 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        bpf_fib_lookup as FibParams, xdp_action, xdp_md,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action, xdp_md,
     },
     helpers::generated::{
         bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_load_bytes,
@@ -53,8 +53,9 @@ const TCP_OPT_MSS: u8 = 2;
 const TCP_MAX_OPTS: usize = 40;
 /// Offset of the checksum in the TCP header.
 const TCP_CHECK_OFFSET: usize = 16;
-/// Largest transport offset we produce: Ethernet + VLAN + IPv4 with 40 bytes of options.
-const MAX_L4_OFFSET: usize = 18 + 60;
+/// Largest transport offset after encapsulation: Ethernet + VLAN + outer IPv6 + UDP + IPv4
+/// with 40 bytes of options.
+const MAX_L4_OFFSET: usize = 18 + 48 + 60;
 const OUTER_TTL: u8 = 64;
 const IPV4_DF: u16 = 0x4000;
 const ONE_SECOND_NS: u64 = 1_000_000_000;
@@ -500,9 +501,9 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
     flow.peer = peer;
     flow.peer_generation = peer_conf.generation;
 
-    clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
     match steer(ctx, pkt, peer_conf, hash) {
         Steered::Sent(action) => {
+            clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
             // SAFETY: per-CPU values.
             unsafe { (*stats).syn_steered += 1 };
             let _ = FLOWS.insert(&key, &flow, 0);
@@ -581,11 +582,11 @@ fn follow(
             return Ok(local(stats, bytes));
         }
     };
-    if is_syn {
-        clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
-    }
     match steer(ctx, pkt, peer_conf, flow_hash(key)) {
         Steered::Sent(action) => {
+            if is_syn {
+                clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
+            }
             count_steered(stats, flow.peer, bytes, false);
             Ok(action)
         }
@@ -793,7 +794,7 @@ fn steer_call(raw: *mut xdp_md, pkt: &Packet, peer: &PeerConf, hash: u32) -> u32
             ctx.ctx.cast(),
             &mut *fib,
             mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
+            0,
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
@@ -1042,16 +1043,19 @@ fn fold(mut s: u64) -> u16 {
 }
 
 /// Clamps the MSS option of a steered SYN so the encapsulated segments fit the path MTU to
-/// the peer, fixing the TCP checksum incrementally (RFC 1624).
+/// the peer, fixing the TCP checksum incrementally (RFC 1624). Runs after encapsulation (the
+/// TCP header is `outer_len` further in), so a SYN that ends up served locally is untouched;
+/// the GUE checksum stays valid because it relies only on the TCP checksum being right.
 #[inline(always)]
 fn clamp_mss(ctx: &XdpContext, pkt: &Packet, peer: &PeerConf, tcp_hdr_len: usize) {
-    let overhead = outer_len(peer) + pkt.ip_hdr_len + TcpHdr::LEN;
+    let outer = outer_len(peer);
+    let overhead = outer + pkt.ip_hdr_len + TcpHdr::LEN;
     let mtu = peer.mtu as usize;
     let opts_len = tcp_hdr_len - TcpHdr::LEN;
     if mtu <= overhead || opts_len == 0 {
         return;
     }
-    clamp_mss_call(ctx.ctx, pkt.l4, opts_len, (mtu - overhead) as u16);
+    clamp_mss_call(ctx.ctx, pkt.l4 + outer, opts_len, (mtu - overhead) as u16);
 }
 
 /// Not inlined, so the option scan is verified with a small state (it loops over options).
