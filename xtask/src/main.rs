@@ -20,7 +20,12 @@ use clap::{
 };
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "p2pcdn workflows", version)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "p2pcdn workflows",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -66,6 +71,9 @@ enum Cmd {
     CleanNetns {
         #[arg(long, default_value = "p2p")]
         prefix: String,
+        /// The bpffs mount holding the pin roots (p2pcdn pins under /sys/fs/bpf/p2pcdn).
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: std::path::PathBuf,
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
@@ -99,7 +107,11 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
                 launch::find(&name).ok_or_else(|| anyhow::anyhow!("unknown benchmark {name}"))?;
             launch::bench(&root, bench, &args)
         }
-        Cmd::CleanNetns { prefix, dry_run } => netns::clean(&prefix, dry_run),
+        Cmd::CleanNetns {
+            prefix,
+            bpffs,
+            dry_run,
+        } => netns::clean(&prefix, &bpffs, dry_run),
     }
 }
 

@@ -8,9 +8,6 @@ use anyhow::{Context as _, bail};
 
 use crate::run;
 
-/// Where p2pcdn pins its programs, links and maps (one directory per pin root).
-const BPFFS: &str = "/sys/fs/bpf";
-
 /// Names of `ip netns list` output (`p2p-edge (id: 3)` or `p2p-edge`).
 pub fn parse_netns_list(output: &str) -> Vec<String> {
     output
@@ -49,8 +46,8 @@ fn matching(names: Vec<String>, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// `cargo xtask clean-netns [--prefix P] [--dry-run]`.
-pub fn clean(prefix: &str, dry_run: bool) -> anyhow::Result<()> {
+/// `cargo xtask clean-netns [--prefix P] [--bpffs DIR] [--dry-run]`.
+pub fn clean(prefix: &str, bpffs: &Path, dry_run: bool) -> anyhow::Result<()> {
     if prefix.is_empty() {
         bail!("--prefix must not be empty: it would match every namespace");
     }
@@ -100,7 +97,6 @@ pub fn clean(prefix: &str, dry_run: bool) -> anyhow::Result<()> {
         removed += 1;
     }
 
-    let bpffs = Path::new(BPFFS);
     if let Ok(entries) = fs::read_dir(bpffs) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -95,7 +95,8 @@ pub fn steps(root: &Path, target_dir: &Path, quick: bool) -> Vec<Step> {
     }
 
     let mut unit = run::cargo(root);
-    unit.args(["test", "--workspace"]);
+    // --no-fail-fast: one failing test binary must not hide the results of the others.
+    unit.args(["test", "--no-fail-fast", "--workspace"]);
     for package in PRIVILEGED_PACKAGES {
         unit.args(["--exclude", package]);
     }
@@ -118,7 +119,7 @@ pub fn steps(root: &Path, target_dir: &Path, quick: bool) -> Vec<Step> {
     });
 
     let mut privileged = run::cargo(root);
-    privileged.arg("test");
+    privileged.args(["test", "--no-fail-fast"]);
     for package in PRIVILEGED_PACKAGES {
         privileged.args(["-p", package]);
     }
@@ -127,7 +128,7 @@ pub fn steps(root: &Path, target_dir: &Path, quick: bool) -> Vec<Step> {
         name: "privileged tests (one at a time)",
         cmd: privileged,
         hint: Some(
-            "leftover namespaces or pins from an interrupted run? `cargo xtask clean-netns`",
+            "if an interrupted run left namespaces or pins behind, `cargo xtask clean-netns` removes them",
         ),
         runs_tests: true,
     });
@@ -361,11 +362,11 @@ mod tests {
         );
         assert_eq!(
             steps[3].1,
-            "cargo test --workspace --exclude p2pcdn-tests --exclude redirector-user"
+            "cargo test --no-fail-fast --workspace --exclude p2pcdn-tests --exclude redirector-user"
         );
         assert_eq!(
             steps[5].1,
-            "cargo test -p p2pcdn-tests -p redirector-user -- --test-threads=1"
+            "cargo test --no-fail-fast -p p2pcdn-tests -p redirector-user -- --test-threads=1"
         );
     }
 
