@@ -9,7 +9,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{host, run, setup, workspace::Metadata};
+use crate::{
+    host, run,
+    suite::{REDIRECTOR_BIN, REDIRECTOR_VAR},
+    workspace::Metadata,
+};
 
 /// A benchmark: a binary that measures and writes its results as JSON.
 #[derive(Debug, Clone, Copy)]
@@ -90,17 +94,23 @@ pub fn demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // The demo runs the p2pcdn-redirector CLI from target/release.
     crate::build(root, true)?;
     let mut cmd = run::cargo(root);
-    cmd.args(["run", "--release", "-p", PACKAGE, "--bin", BIN, "--"])
+    cmd.env(REDIRECTOR_VAR, release_redirector(&metadata))
+        .args(["run", "--release", "-p", PACKAGE, "--bin", BIN, "--"])
         .args(args);
     run::check(run::forwarding_signals(&mut cmd, "demo")?, "the demo")
+}
+
+/// The release CLI binary, built by `cargo build --release` of the default members.
+fn release_redirector(metadata: &Metadata) -> PathBuf {
+    metadata.target_dir.join("release").join(REDIRECTOR_BIN)
 }
 
 /// `cargo xtask bench NAME`.
 pub fn bench(root: &Path, bench: &Bench, args: &[String]) -> anyhow::Result<()> {
     require_privileges(&format!("the {} benchmark", bench.name))?;
-    setup::ensure()?;
     let metadata = Metadata::load(root)?;
     metadata.require_bin(bench.package, bench.bin)?;
+    crate::build(root, true)?;
     let output = output_path(&metadata.target_dir, bench);
     if let Some(dir) = output.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -108,6 +118,7 @@ pub fn bench(root: &Path, bench: &Bench, args: &[String]) -> anyhow::Result<()> 
     let started = SystemTime::now();
     let mut cmd = run::cargo(root);
     cmd.env(OUTPUT_VAR, &output)
+        .env(REDIRECTOR_VAR, release_redirector(&metadata))
         .args([
             "run",
             "--release",

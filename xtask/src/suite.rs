@@ -17,6 +17,10 @@ use crate::{host, run, setup, workspace::Metadata};
 /// pins, attached programs) and must not run twice or in parallel.
 pub const PRIVILEGED_PACKAGES: &[&str] = &["p2pcdn-tests", "redirector-user"];
 
+/// Tells tests, the demo and benchmarks where the `p2pcdn-redirector` binary xtask built is.
+pub const REDIRECTOR_VAR: &str = "P2PCDN_REDIRECTOR";
+pub const REDIRECTOR_BIN: &str = "p2pcdn-redirector";
+
 /// The kernel crate, linted a second time for its real target.
 const EBPF_PACKAGE: &str = "redirector-ebpf";
 const BPF_TARGET: &str = "bpfel-unknown-none";
@@ -119,7 +123,12 @@ pub fn steps(root: &Path, target_dir: &Path, quick: bool) -> Vec<Step> {
     });
 
     let mut privileged = run::cargo(root);
-    privileged.args(["test", "--no-fail-fast"]);
+    privileged
+        .env(
+            REDIRECTOR_VAR,
+            target_dir.join("debug").join(REDIRECTOR_BIN),
+        )
+        .args(["test", "--no-fail-fast"]);
     for package in PRIVILEGED_PACKAGES {
         privileged.args(["-p", package]);
     }
@@ -366,7 +375,8 @@ mod tests {
         );
         assert_eq!(
             steps[5].1,
-            "cargo test --no-fail-fast -p p2pcdn-tests -p redirector-user -- --test-threads=1"
+            "P2PCDN_REDIRECTOR=/repo/target/debug/p2pcdn-redirector \
+             cargo test --no-fail-fast -p p2pcdn-tests -p redirector-user -- --test-threads=1"
         );
     }
 
