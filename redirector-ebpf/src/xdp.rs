@@ -16,7 +16,8 @@ use aya_ebpf::{
         xdp_action, xdp_md,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_load_bytes,
+        bpf_fib_lookup, bpf_jiffies64, bpf_ktime_get_ns, bpf_redirect, bpf_xdp_adjust_head,
+        bpf_xdp_load_bytes,
     },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -92,6 +93,26 @@ static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PE
 static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static FLOW_BUDGET: PerCpuArray<FlowBudget> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU next-hop cache per peer slot (see `next_hop`). Never pinned.
+#[map]
+static NEXT_HOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
+
+/// A cached FIB result.
+#[repr(C)]
+struct NextHop {
+    stamp: u64,
+    generation: u32,
+    ifindex: u32,
+    /// MACs as 16-bit words, copied with word stores (6-byte array copies become calls
+    /// to `memmove` on BPF).
+    dmac: [u16; 3],
+    smac: [u16; 3],
+    valid: u32,
+}
+
+/// Jiffies a cached next hop stays valid (25-100 ms at HZ 1000-250).
+const NEXT_HOP_JIFFIES: u64 = 25;
+
 /// Per-CPU scratch space for the FIB lookup parameters: on the stack they would push the
 /// steering call chain past the 512-byte BPF stack limit. Never pinned, never read by
 /// userspace.
@@ -196,10 +217,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(Unparsed);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src_addr);
-    dst[..4].copy_from_slice(&ip.dst_addr);
+    let src = v4_in_16(ip.src_addr);
+    let dst = v4_in_16(ip.dst_addr);
     Ok(Packet {
         family: family::V4,
         l3,
@@ -211,6 +230,14 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Unparsed> {
         src,
         dst,
     })
+}
+
+/// An IPv4 address in the 16-byte key form. Built from words: a byte array zeroed and
+/// copied into becomes a call to `memset` on BPF, which costs more than the whole parse.
+#[inline(always)]
+fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid.
+    unsafe { mem::transmute::<[u32; 4], [u8; 16]>([u32::from_ne_bytes(a), 0, 0, 0]) }
 }
 
 /// `Ok(None)`: a well-formed IPv6 packet with extension headers, which we leave alone.
@@ -406,9 +433,31 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
         Some(n) if *n != 0 => {}
         _ => return Ok(xdp_action::XDP_PASS),
     }
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport_be: u16::from_ne_bytes(th.source),
+        dport_be: u16::from_ne_bytes(th.dest),
+        proto: proto::TCP,
+        family: pkt.family,
+        _pad0: [0; 2],
+    };
+    let bytes = pkt.ip_len as u64;
+    let is_syn = th.syn() != 0 && th.ack() == 0;
+    // SAFETY: FlowValue is Copy; we copy it out at once.
+    let existing = unsafe { FLOWS.get(&key) }.copied();
+
+    // Established packets: the flow entry alone decides (one hash lookup on the hot path).
+    if !is_syn && let Some(flow) = existing {
+        let Some(stats) = SVC_STATS.get_ptr_mut(flow.service) else {
+            return Ok(xdp_action::XDP_PASS);
+        };
+        return follow(ctx, pkt, &key, &flow, stats, bytes, false, tcp_hdr_len);
+    }
+
     let skey = ServiceKey {
         addr: pkt.dst,
-        port_be: u16::from_ne_bytes(th.dest),
+        port_be: key.dport_be,
         proto: proto::TCP,
         family: pkt.family,
     };
@@ -425,33 +474,13 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
     if conf.flags & SVC_ACTIVE == 0 {
         return Ok(xdp_action::XDP_PASS);
     }
-    let bytes = pkt.ip_len as u64;
     if conf.flags & SVC_STEER == 0 {
         return Ok(local(stats, bytes));
     }
-
-    let key = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport_be: u16::from_ne_bytes(th.source),
-        dport_be: skey.port_be,
-        proto: proto::TCP,
-        family: pkt.family,
-        _pad0: [0; 2],
-    };
-    let is_syn = th.syn() != 0 && th.ack() == 0;
-    // SAFETY: FlowValue is Copy; we copy it out at once.
-    let existing = unsafe { FLOWS.get(&key) }.copied();
-
     if !is_syn {
-        return match existing {
-            Some(flow) => follow(ctx, pkt, &key, &flow, stats, bytes, false, tcp_hdr_len),
-            None => {
-                // SAFETY: per-CPU value.
-                unsafe { (*stats).flow_misses += 1 };
-                Ok(local(stats, bytes))
-            }
-        };
+        // SAFETY: per-CPU value.
+        unsafe { (*stats).flow_misses += 1 };
+        return Ok(local(stats, bytes));
     }
 
     // SAFETY: helper without arguments.
@@ -501,7 +530,7 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
     flow.peer = peer;
     flow.peer_generation = peer_conf.generation;
 
-    match steer(ctx, pkt, peer_conf, hash) {
+    match steer(ctx, pkt, peer, peer_conf, hash) {
         Steered::Sent(action) => {
             clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
             // SAFETY: per-CPU values.
@@ -582,7 +611,7 @@ fn follow(
             return Ok(local(stats, bytes));
         }
     };
-    match steer(ctx, pkt, peer_conf, flow_hash(key)) {
+    match steer(ctx, pkt, flow.peer, peer_conf, flow_hash(key)) {
         Steered::Sent(action) => {
             if is_syn {
                 clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
@@ -590,7 +619,9 @@ fn follow(
             count_steered(stats, flow.peer, bytes, false);
             Ok(action)
         }
-        Steered::NotSent => Ok(local(stats, bytes)),
+        // The peer holds this connection: handing the packet to our stack would only earn
+        // the client a reset. Dropped (and counted), TCP retransmits once the path is back.
+        Steered::NotSent => Ok(xdp_action::XDP_DROP),
     }
 }
 
@@ -750,8 +781,8 @@ fn outer_len(peer: &PeerConf) -> usize {
 /// Not inlined: its stack frame (FIB parameters, header images) is separate from the
 /// parser's, which keeps every frame under the 512-byte BPF stack limit.
 #[inline(always)]
-fn steer(ctx: &XdpContext, pkt: &Packet, peer: &PeerConf, hash: u32) -> Steered {
-    match steer_call(ctx.ctx, pkt, peer, hash) {
+fn steer(ctx: &XdpContext, pkt: &Packet, slot: u32, peer: &PeerConf, hash: u32) -> Steered {
+    match steer_call(ctx.ctx, pkt, slot, peer, hash) {
         NOT_SENT => Steered::NotSent,
         action => Steered::Sent(action),
     }
@@ -760,23 +791,59 @@ fn steer(ctx: &XdpContext, pkt: &Packet, peer: &PeerConf, hash: u32) -> Steered 
 const NOT_SENT: u32 = u32::MAX;
 
 #[inline(never)]
-fn steer_call(raw: *mut xdp_md, pkt: &Packet, peer: &PeerConf, hash: u32) -> u32 {
+fn steer_call(raw: *mut xdp_md, pkt: &Packet, slot: u32, peer: &PeerConf, hash: u32) -> u32 {
     let ctx = &XdpContext::new(raw);
     let outer = outer_len(peer);
     let total = outer + pkt.ip_len;
     let ingress = ctx.ingress_ifindex() as u32;
 
-    let Some(fib) = FIB_SCRATCH.get_ptr_mut(0) else {
+    if total > peer.mtu as usize {
+        // Too big for the path to the peer once encapsulated (the peer should advertise a
+        // smaller MSS, see docs/peer-setup.md).
+        count_global(|g| g.fib_failed += 1);
+        return NOT_SENT;
+    }
+    let Some(nh) = next_hop(ctx, slot, peer) else {
         return NOT_SENT;
     };
-    // SAFETY: per-CPU scratch value, only this CPU uses it during this program run; all-zero
-    // is a valid `bpf_fib_lookup`.
+    if encapsulate(ctx, pkt, peer, hash, nh, outer).is_err() {
+        if let Some(g) = global_stats() {
+            // SAFETY: per-CPU value.
+            unsafe { (*g).encap_failed += 1 };
+        }
+        // The head may have moved already: this packet is lost (TCP retransmits), but we
+        // never hand a half-written packet to the stack.
+        return xdp_action::XDP_DROP;
+    }
+    if nh.ifindex == ingress {
+        xdp_action::XDP_TX
+    } else {
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(nh.ifindex, 0) as u32 }
+    }
+}
+
+/// Next hop towards a peer: a per-CPU cache in front of `bpf_fib_lookup` (a FIB and
+/// neighbour lookup per packet would cost more than the rest of the steering path). An entry
+/// is trusted for `NEXT_HOP_JIFFIES` jiffies and only for the peer generation it was made for,
+/// so route and neighbour changes are picked up within 25-100 ms (HZ 1000-250).
+#[inline(always)]
+fn next_hop(ctx: &XdpContext, slot: u32, peer: &PeerConf) -> Option<&'static NextHop> {
+    let cached = NEXT_HOP.get_ptr_mut(slot)?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_jiffies64() };
+    // SAFETY: per-CPU value, only this CPU touches it during this run.
+    let c = unsafe { &mut *cached };
+    if c.valid != 0 && c.generation == peer.generation && now - c.stamp < NEXT_HOP_JIFFIES {
+        return Some(c);
+    }
+    let fib = FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch value; all-zero is a valid `bpf_fib_lookup`.
     let fib = unsafe {
         *fib = mem::zeroed();
         &mut *fib
     };
-    fib.ifindex = ingress;
-    fib.__bindgen_anon_1.tot_len = total as u16;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
     if peer.family == family::V4 {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src =
@@ -788,7 +855,9 @@ fn steer_call(raw: *mut xdp_md, pkt: &Packet, peer: &PeerConf, hash: u32) -> u32
         fib.__bindgen_anon_3.ipv6_src = words(&peer.src);
         fib.__bindgen_anon_4.ipv6_dst = words(&peer.addr);
     }
-    // SAFETY: `fib` is a valid, fully initialised parameter block on our stack.
+    // An input-route lookup as if the packet came in on our interface (forwarding must be on
+    // there); no MTU check here (tot_len 0): `steer_call` checks the peer's path MTU.
+    // SAFETY: `fib` is a valid, fully initialised parameter block.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
@@ -798,33 +867,37 @@ fn steer_call(raw: *mut xdp_md, pkt: &Packet, peer: &PeerConf, hash: u32) -> u32
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        if let Some(g) = global_stats() {
-            // SAFETY: per-CPU value.
-            unsafe {
-                if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-                    (*g).fib_no_neigh += 1;
-                } else {
-                    (*g).fib_failed += 1;
-                }
-            }
+        c.valid = 0;
+        if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            count_global(|g| g.fib_no_neigh += 1);
+        } else {
+            count_global(|g| g.fib_failed += 1);
         }
-        return NOT_SENT;
+        return None;
     }
+    let (d, m) = (fib.dmac, fib.smac);
+    c.dmac = [
+        u16::from_ne_bytes([d[0], d[1]]),
+        u16::from_ne_bytes([d[2], d[3]]),
+        u16::from_ne_bytes([d[4], d[5]]),
+    ];
+    c.smac = [
+        u16::from_ne_bytes([m[0], m[1]]),
+        u16::from_ne_bytes([m[2], m[3]]),
+        u16::from_ne_bytes([m[4], m[5]]),
+    ];
+    c.ifindex = fib.ifindex;
+    c.generation = peer.generation;
+    c.stamp = now;
+    c.valid = 1;
+    Some(c)
+}
 
-    if encapsulate(ctx, pkt, peer, hash, fib, outer).is_err() {
-        if let Some(g) = global_stats() {
-            // SAFETY: per-CPU value.
-            unsafe { (*g).encap_failed += 1 };
-        }
-        // The head may have moved already: this packet is lost (TCP retransmits), but we
-        // never hand a half-written packet to the stack.
-        return xdp_action::XDP_DROP;
-    }
-    if fib.ifindex == ingress {
-        xdp_action::XDP_TX
-    } else {
-        // SAFETY: plain helper call.
-        unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+#[inline(always)]
+fn count_global(f: impl FnOnce(&mut GlobalStats)) {
+    if let Some(g) = global_stats() {
+        // SAFETY: per-CPU value.
+        f(unsafe { &mut *g });
     }
 }
 
@@ -846,7 +919,7 @@ fn encapsulate(
     pkt: &Packet,
     peer: &PeerConf,
     hash: u32,
-    fib: &FibParams,
+    nh: &NextHop,
     outer: usize,
 ) -> Result<(), Unparsed> {
     // What the checksum of the UDP payload needs, read before the packet moves.
@@ -874,10 +947,18 @@ fn encapsulate(
         ETH_P_IPV6
     };
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds checked by `ptr_at`.
+    let macs = eth.cast::<u16>();
+    // SAFETY: bounds checked by `ptr_at` (14 bytes); the frame start is 2-aligned. Volatile
+    // word stores keep LLVM from turning them back into a `memmove` call.
     unsafe {
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
+        for (i, w) in [
+            nh.dmac[0], nh.dmac[1], nh.dmac[2], nh.smac[0], nh.smac[1], nh.smac[2],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            macs.add(i).write_volatile(w);
+        }
     }
     if pkt.l3 != EthHdr::LEN {
         let tag: *mut [u8; 6] = ptr_at(ctx, 12)?;
