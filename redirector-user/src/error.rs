@@ -193,7 +193,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(what: &'static str, value: impl ToString, reason: impl ToString) -> Self {
+    /// An [`Error::InvalidValue`].
+    pub fn invalid(what: &'static str, value: impl ToString, reason: impl ToString) -> Self {
         Self::InvalidValue {
             what,
             value: value.to_string(),

@@ -194,6 +194,9 @@ pub(crate) struct KernelMaps {
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     peer_stats: PerCpuArray<MapData, PeerStats>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
+    /// Only the kernel uses it; held so its fd lives as long as the others (a program
+    /// loaded after the maps were taken from the object still refers to it).
+    _flow_budget: PerCpuArray<MapData, redirector_ebpf::FlowBudget>,
     nr_cpus: usize,
     flow_capacity: u32,
     guard_capacity: u32,
@@ -246,6 +249,7 @@ impl KernelMaps {
             svc_stats: take(&mut maps, map_names::SVC_STATS)?,
             peer_stats: take(&mut maps, map_names::PEER_STATS)?,
             global_stats: take(&mut maps, map_names::GLOBAL_STATS)?,
+            _flow_budget: take(&mut maps, map_names::FLOW_BUDGET)?,
             nr_cpus,
             flow_capacity,
             guard_capacity,

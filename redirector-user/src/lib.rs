@@ -29,7 +29,8 @@ pub use error::{BpfError, Error, NEEDED_CAPABILITIES, Result};
 pub use memory::MemoryDataplane;
 pub use redirector::{
     ActiveMode, AttachMode, AttachOptions, AttachOutcome, AttachReport, DEFAULT_PIN_ROOT,
-    DetachReport, LINK_PIN, LoadOptions, Redirector, Status, ensure_bpffs, ifindex, validate_iface,
+    DetachReport, LINK_PIN, LoadOptions, Redirector, Status, ensure_bpffs, ifindex, pin_dir,
+    validate_iface,
 };
 pub use spec::{
     ConfigSpec, Encap, PeerInfo, PeerServices, PeerSpec, ServiceInfo, ServiceMode, ServiceSpec,

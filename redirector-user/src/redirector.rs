@@ -44,7 +44,9 @@ use crate::{
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/p2pcdn";
 /// Name of the XDP link pin in an interface's pin directory.
 pub const LINK_PIN: &str = "link";
-const PROGRAM_PIN_TMP: &str = ".p2pcdn_redirect.new";
+/// Where an upgrade pins the new program before renaming it over the old pin. bpffs
+/// refuses names with dots (`bpf_lookup` in kernel/bpf/inode.c: "reserved for future use").
+const PROGRAM_PIN_TMP: &str = "p2pcdn_redirect_new";
 
 /// Requested XDP attach mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -209,7 +211,7 @@ pub fn validate_iface(iface: &str) -> Result<()> {
         "empty"
     } else if iface.len() > 15 {
         "longer than 15 bytes"
-    } else if iface == "." || iface == ".." || iface.contains(['/', '\0']) {
+    } else if iface == "." || iface == ".." || iface.contains(['/', ':', '\0']) {
         "not a valid interface name"
     } else if iface.chars().any(char::is_whitespace) {
         "contains white space"
@@ -217,6 +219,13 @@ pub fn validate_iface(iface: &str) -> Result<()> {
         return Ok(());
     };
     Err(Error::invalid("interface name", iface, reason))
+}
+
+/// The pin directory of `iface` under `pin_root`. bpffs refuses dots in names, which
+/// interface names may have (`eth0.100`): they become `:`, which interface names cannot
+/// have (`dev_valid_name` in net/core/dev.c), so the mapping is one to one.
+pub fn pin_dir(pin_root: &Path, iface: &str) -> PathBuf {
+    pin_root.join(iface.replace('.', ":"))
 }
 
 /// The index of `iface` in the caller's network namespace (asked over rtnetlink, so it
@@ -420,7 +429,7 @@ impl Redirector {
         privilege::require()?;
         let index = ifindex(iface)?;
         let mounted_bpffs = ensure_bpffs(&options.pin_root)?;
-        let dir = options.pin_root.join(iface);
+        let dir = pin_dir(&options.pin_root, iface);
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
         let link_path = dir.join(LINK_PIN);
 
@@ -623,7 +632,7 @@ impl Redirector {
     /// is not touched). Checks `META` and every map's layout first.
     pub fn open(iface: &str, pin_root: &Path) -> Result<Self> {
         validate_iface(iface)?;
-        let dir = pin_root.join(iface);
+        let dir = pin_dir(pin_root, iface);
         if !dir.join(map_names::META).exists() {
             // Say "unknown interface" rather than "not attached" when that is the cause.
             ifindex(iface)?;
@@ -662,7 +671,7 @@ impl Redirector {
     /// interface no longer exists. Needs no `Redirector`: nothing here relies on `Drop`.
     pub fn detach(iface: &str, pin_root: &Path, keep_maps: bool) -> Result<DetachReport> {
         validate_iface(iface)?;
-        let dir = pin_root.join(iface);
+        let dir = pin_dir(pin_root, iface);
         if !dir.is_dir() {
             ifindex(iface)?;
             return Err(Error::NotAttached {
@@ -917,10 +926,26 @@ mod tests {
         for good in ["eth0", "veth-edge", "enp5s0f1.100"] {
             validate_iface(good).unwrap_or_else(|e| panic!("{good}: {e}"));
         }
-        for bad in ["", ".", "..", "a/b", "../etc", "sixteen-bytes-xx", "a b"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../etc",
+            "sixteen-bytes-xx",
+            "a b",
+            "a:1",
+        ] {
             let err = validate_iface(bad).expect_err(bad);
             assert!(err.is_bad_input(), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn pin_dirs_have_no_dots() {
+        let root = Path::new("/sys/fs/bpf/p2pcdn");
+        assert_eq!(pin_dir(root, "eth0"), root.join("eth0"));
+        assert_eq!(pin_dir(root, "eth0.100"), root.join("eth0:100"));
     }
 
     #[test]
