@@ -67,6 +67,7 @@ exit 1
 
 const CARGO: &str = r#"#!/bin/sh
 echo "LLVM_PREFIX=$LLVM_PREFIX cargo $*" >> "$LOG"
+[ "$1" = "build" ] && exit 0
 [ "$1" = "install" ] || exit 101
 echo "  Compiling bpf-linker v0.13.0" >&2
 printf '#!/bin/sh\necho "bpf-linker 0.13.0"\n' > "$BIN/bpf-linker"
@@ -118,8 +119,12 @@ impl FakeMachine {
     }
 
     fn setup(&self) -> Output {
+        self.xtask("setup")
+    }
+
+    fn xtask(&self, command: &str) -> Output {
         Command::new(XTASK)
-            .arg("setup")
+            .arg(command)
             .env_clear()
             .env(
                 "PATH",
@@ -275,4 +280,35 @@ fn machine_without_nightly_is_told_so() {
         "{stderr}"
     );
     assert!(machine.installs().is_empty(), "{:?}", machine.installs());
+}
+
+#[test]
+fn build_runs_setup_only_when_something_is_missing() {
+    if !is_root() {
+        return; // the fresh path needs apt-get, covered by the non-root branch above
+    }
+    let machine = FakeMachine::new("build");
+    let output = machine.xtask("build");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let installs = machine.installs();
+    assert_eq!(
+        installs.first().map(String::as_str),
+        Some("DEBIAN_FRONTEND=noninteractive apt-get update")
+    );
+    assert_eq!(
+        installs.last().map(String::as_str),
+        Some("LLVM_PREFIX= cargo build")
+    );
+    assert!(text(&output.stdout).contains("running `cargo xtask setup` first"));
+
+    // Now complete: the fast check runs no installer, only the build.
+    machine.clear_log();
+    let again = machine.xtask("build");
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(machine.installs(), ["LLVM_PREFIX= cargo build"]);
+    assert!(
+        !text(&again.stdout).contains("setup"),
+        "{}",
+        text(&again.stdout)
+    );
 }
