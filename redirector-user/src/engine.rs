@@ -174,7 +174,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The first `size` slots of service `id`'s ring as they are in the map (read once,
-    /// then kept up to date by [`Self::sync_ring`]).
+    /// then kept up to date by [`Self::sync_ring`]). One lookup per slot: aya 0.14 has no
+    /// `BPF_MAP_LOOKUP_BATCH` wrapper, and a 65 537-slot ring reads in tens of milliseconds.
     fn current_ring(&mut self, id: u32, size: u32) -> Result<&[u32]> {
         let base = id * MAGLEV_STRIDE;
         let cached = self.rings.entry(id).or_default();
@@ -330,11 +331,9 @@ impl<B: Backend> Dataplane for Engine<B> {
                 self.maps.remove_guard(key)?;
             }
         }
-        let old = self.services[id as usize];
-        if existing.is_none() || old.ring_size != conf.ring_size {
-            // Written before the kernel can use the new size.
-            self.sync_ring(id, conf.ring_size)?;
-        }
+        // Before the kernel can use the service (or its new ring size). Also on a plain
+        // update: re-applying a service heals a ring left half-written by a crash.
+        self.sync_ring(id, conf.ring_size)?;
         self.maps.set_svc_conf(id, &conf)?;
         self.services[id as usize] = conf;
 

@@ -516,7 +516,6 @@ impl Redirector {
                     if matches!(reason, Error::ForeignProgram { .. }) {
                         return Err(reason);
                     }
-                    warn!("{iface}: driver mode failed ({reason}); falling back to skb mode");
                     let id = program
                         .attach_to_if_index(index, XdpMode::Skb)
                         .map_err(|e| attach_error(iface, XdpMode::Skb, e))?;
