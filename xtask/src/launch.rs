@@ -27,8 +27,8 @@ pub struct Bench {
 }
 
 /// Every benchmark `cargo xtask bench` knows. To add one (surrogate, loadtest, trust, ...),
-/// write its binary so it writes JSON to the path in `P2PCDN_BENCH_OUTPUT`, and add a line
-/// here; the results land in `target/bench/<name>.json`.
+/// write its binary so it takes `--out PATH` and writes its JSON results there, and add a line
+/// here; xtask passes `--out target/bench/<name>.json`.
 pub const BENCHES: &[Bench] = &[Bench {
     name: "dataplane",
     package: "p2pcdn-tests",
@@ -36,8 +36,8 @@ pub const BENCHES: &[Bench] = &[Bench {
     about: "XDP program paths timed with BPF_PROG_TEST_RUN, ns/packet net of an empty-program floor",
 }];
 
-/// The variable telling a bench binary where to write its JSON.
-pub const OUTPUT_VAR: &str = "P2PCDN_BENCH_OUTPUT";
+/// The option telling a bench binary where to write its JSON.
+pub const OUT_FLAG: &str = "--out";
 
 pub fn find(name: &str) -> Option<&'static Bench> {
     BENCHES.iter().find(|bench| bench.name == name)
@@ -108,6 +108,15 @@ fn release_redirector(metadata: &Metadata) -> PathBuf {
 /// `cargo xtask bench NAME`.
 pub fn bench(root: &Path, bench: &Bench, args: &[String]) -> anyhow::Result<()> {
     require_privileges(&format!("the {} benchmark", bench.name))?;
+    if args
+        .iter()
+        .any(|arg| arg == OUT_FLAG || arg.starts_with("--out="))
+    {
+        bail!(
+            "xtask chooses the results file itself (target/bench/{}.json): drop {OUT_FLAG}",
+            bench.name
+        );
+    }
     let metadata = Metadata::load(root)?;
     metadata.require_bin(bench.package, bench.bin)?;
     crate::build(root, true)?;
@@ -117,8 +126,7 @@ pub fn bench(root: &Path, bench: &Bench, args: &[String]) -> anyhow::Result<()> 
     }
     let started = SystemTime::now();
     let mut cmd = run::cargo(root);
-    cmd.env(OUTPUT_VAR, &output)
-        .env(REDIRECTOR_VAR, release_redirector(&metadata))
+    cmd.env(REDIRECTOR_VAR, release_redirector(&metadata))
         .args([
             "run",
             "--release",
@@ -127,7 +135,9 @@ pub fn bench(root: &Path, bench: &Bench, args: &[String]) -> anyhow::Result<()> 
             "--bin",
             bench.bin,
             "--",
+            OUT_FLAG,
         ])
+        .arg(&output)
         .args(args);
     let what = format!("{} benchmark", bench.name);
     run::check(run::forwarding_signals(&mut cmd, &what)?, &what)?;
