@@ -9,3 +9,4 @@ pub mod netns;
 pub mod packet;
 pub mod privilege;
 pub mod redirector;
+pub mod scenario;

@@ -20,9 +20,12 @@
 //!   segment otherwise carries only the pseudo-header sum (CHECKSUM_PARTIAL) to the receiver;
 //!   once an XDP program re-encapsulates it, the metadata saying "finish this checksum" is
 //!   gone and the peer drops the segment. Real NICs never hand such packets to XDP.
-//! - GRO is turned on on the switch-side veth ends: a veth accepts frames sent with `XDP_TX`
-//!   from its peer only when its NAPI is enabled, which GRO (or an XDP program) does
-//!   (`drivers/net/veth.c`, `veth_xdp_xmit`).
+//! - An XDP program that passes everything is attached (driver mode) to every switch-side
+//!   veth end. A frame a host sends with `XDP_TX` lands in the ring of the other end, and
+//!   veth only kicks that end's NAPI after the batch when it has an XDP program
+//!   (`drivers/net/veth.c`, `veth_xdp_flush`: "xdp_ring is initialized on receive side?").
+//!   Without one, tunnelled frames wait in the ring until some other packet comes by: the
+//!   last SYNs of a burst are lost, retransmissions included. A real NIC has no such ring.
 //! - Neighbour entries between all hosts are permanent, so the first steered SYN never meets
 //!   an unresolved next hop (which the program would serve locally, counted `fib_no_neigh`).
 
@@ -30,7 +33,7 @@ use std::{
     fs,
     io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{
@@ -65,7 +68,7 @@ pub enum NetnsError {
         source: std::io::Error,
     },
     #[error("{what} on {iface} in {namespace}: {source}")]
-    Ethtool {
+    Device {
         what: &'static str,
         iface: String,
         namespace: String,
@@ -319,7 +322,6 @@ fn write_sysctls(ns: &str, pairs: &[(&str, &str)]) -> Result<(), NetnsError> {
 // ethtool ioctl numbers (`include/uapi/linux/ethtool.h`, `include/uapi/linux/sockios.h`).
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_STXCSUM: u32 = 0x17;
-const ETHTOOL_SGRO: u32 = 0x2c;
 
 #[repr(C)]
 struct EthtoolValue {
@@ -379,12 +381,76 @@ fn ethtool_in(
 ) -> Result<(), NetnsError> {
     let iface_owned = iface.to_owned();
     run_in_netns(ns, move || ethtool_set(&iface_owned, cmd, on))?.map_err(|source| {
-        NetnsError::Ethtool {
+        NetnsError::Device {
             what,
             iface: iface.to_owned(),
             namespace: ns.to_owned(),
             source,
         }
+    })
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-padded `union bpf_attr` of the size we pass; the pointers
+    // inside it refer to buffers that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd =
+        i32::try_from(rc).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn put(attr: &mut [u8], offset: usize, bytes: &[u8]) {
+    attr[offset..offset + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Loads `r0 = XDP_PASS; exit` and links it to `iface` (driver mode) in the calling
+/// thread's namespace. The program lives as long as the returned link.
+fn xdp_pass_link(iface: &str) -> std::io::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    let insns: [u64; 2] = [
+        0x0000_0002_0000_00b7, // BPF_ALU64 | BPF_MOV | BPF_K: r0 = 2 (XDP_PASS)
+        0x0000_0000_0000_0095, // BPF_JMP | BPF_EXIT
+    ];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    put(&mut attr, 0, &BPF_PROG_TYPE_XDP.to_ne_bytes());
+    put(&mut attr, 4, &2u32.to_ne_bytes());
+    put(&mut attr, 8, &(insns.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 16, &(license.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 48, b"p2p_pass");
+    put(&mut attr, 68, &BPF_XDP.to_ne_bytes()); // expected_attach_type
+    let prog = bpf(BPF_PROG_LOAD, &mut attr)?;
+
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut attr = [0u8; 128];
+    put(&mut attr, 0, &(prog.as_raw_fd() as u32).to_ne_bytes());
+    put(&mut attr, 4, &ifindex.to_ne_bytes());
+    put(&mut attr, 8, &BPF_XDP.to_ne_bytes());
+    put(&mut attr, 12, &XDP_FLAGS_DRV_MODE.to_ne_bytes());
+    bpf(BPF_LINK_CREATE, &mut attr)
+}
+
+fn attach_xdp_pass(ns: &str, iface: &str) -> Result<OwnedFd, NetnsError> {
+    let iface_owned = iface.to_owned();
+    run_in_netns(ns, move || xdp_pass_link(&iface_owned))?.map_err(|source| NetnsError::Device {
+        what: "attaching the pass-through XDP program",
+        iface: iface.to_owned(),
+        namespace: ns.to_owned(),
+        source,
     })
 }
 
@@ -453,6 +519,7 @@ impl TestbedBuilder {
         let mut testbed = Testbed {
             inner: Arc::new(Inner {
                 namespaces: Mutex::new(Vec::new()),
+                links: Mutex::new(Vec::new()),
                 pin_base,
             }),
             switch_ns: format!("{id}-switch"),
@@ -471,6 +538,8 @@ impl TestbedBuilder {
 struct Inner {
     /// Namespaces created so far (emptied by teardown).
     namespaces: Mutex<Vec<String>>,
+    /// BPF links of the pass-through XDP programs on the switch-side veths.
+    links: Mutex<Vec<OwnedFd>>,
     pin_base: PathBuf,
 }
 
@@ -486,6 +555,10 @@ impl Inner {
             if let Err(e) = ip(&["netns", "delete", ns]) {
                 eprintln!("teardown: {e}");
             }
+        }
+        match self.links.lock() {
+            Ok(mut guard) => guard.clear(),
+            Err(poisoned) => poisoned.into_inner().clear(),
         }
         match fs::remove_dir_all(&self.pin_base) {
             Ok(()) => {}
@@ -645,7 +718,11 @@ impl Testbed {
                 ETHTOOL_STXCSUM,
                 false,
             )?;
-            ethtool_in(&switch, &host.name, "turning GRO on", ETHTOOL_SGRO, true)?;
+            let link = attach_xdp_pass(&switch, &host.name)?;
+            match self.inner.links.lock() {
+                Ok(mut guard) => guard.push(link),
+                Err(poisoned) => poisoned.into_inner().push(link),
+            }
         }
         for host in &mut self.hosts {
             host.mac = read_mac(&host.ns, HOST_IFACE)?;
@@ -708,6 +785,28 @@ fn read_mac(ns: &str, iface: &str) -> Result<[u8; 6], NetnsError> {
         .filter_map(|b| u8::from_str_radix(b, 16).ok())
         .collect();
     <[u8; 6]>::try_from(bytes).map_err(|_| err(format!("odd address {text:?}")))
+}
+
+/// Deletes every namespace and pin directory of this process's testbeds (for a signal
+/// handler that may run while a testbed is still being built).
+pub fn remove_own() {
+    let own = format!("{PREFIX}{}-", std::process::id());
+    for dir in ["/run/netns", BPFFS] {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(&own) {
+                continue;
+            }
+            if dir == BPFFS {
+                let _ = fs::remove_dir_all(entry.path());
+            } else {
+                let _ = ip(&["netns", "delete", &name]);
+            }
+        }
+    }
 }
 
 /// Deletes namespaces and pin directories of testbeds whose process is gone (killed runs).

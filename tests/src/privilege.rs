@@ -39,6 +39,12 @@ pub fn require_root(test_name: &str) -> bool {
     )
 }
 
+/// True as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (what a testbed with
+/// XDP needs), for programs that report missing privileges themselves.
+pub fn has_netns_admin() -> bool {
+    euid_is_root() || has_capabilities(&[cap::BPF, cap::NET_ADMIN, cap::SYS_ADMIN])
+}
+
 /// [`require_root`] for tests that also create network namespaces (CAP_SYS_ADMIN).
 pub fn require_netns_admin(test_name: &str) -> bool {
     require(
