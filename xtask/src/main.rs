@@ -88,6 +88,8 @@ fn main() -> ExitCode {
             eprintln!("xtask: error: {err:#}");
             if err.downcast_ref::<launch::NeedsPrivileges>().is_some() {
                 ExitCode::from(77)
+            } else if err.downcast_ref::<run::Interrupted>().is_some() {
+                ExitCode::from(130)
             } else {
                 ExitCode::FAILURE
             }

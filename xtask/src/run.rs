@@ -8,7 +8,11 @@ use std::{
     os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, ExitStatus, Output, Stdio},
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::Duration,
 };
@@ -213,6 +217,7 @@ pub fn print_tail(tail: &[String]) {
 /// Runs a long-lived child (demo, bench) in its own process group and forwards SIGINT/SIGTERM
 /// to that group, so the child gets exactly one Ctrl-C, tears down what it set up, and xtask
 /// waits for it instead of dying first and leaving it orphaned.
+/// Returns `Err(Interrupted)` when the child ended after a forwarded Ctrl-C.
 pub fn forwarding_signals(cmd: &mut Command, what: &str) -> anyhow::Result<ExitStatus> {
     println!("$ {}", display(cmd));
     let mut child = cmd
@@ -223,15 +228,43 @@ pub fn forwarding_signals(cmd: &mut Command, what: &str) -> anyhow::Result<ExitS
     let group = Pid::from_raw(
         i32::try_from(child.id()).map_err(|_| anyhow!("child pid {} out of range", child.id()))?,
     );
-    let what = what.to_owned();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let handler_what = what.to_owned();
+    let handler_flag = Arc::clone(&interrupted);
     ctrlc::set_handler(move || {
-        eprintln!("\nxtask: forwarding Ctrl-C to the {what}; waiting for its teardown");
+        handler_flag.store(true, Ordering::SeqCst);
+        eprintln!("\nxtask: forwarding Ctrl-C to the {handler_what}; waiting for its teardown");
         // The group may already be gone if the child just exited: nothing to forward then.
         let _ = killpg(group, Signal::SIGINT);
     })
     .context("cannot install the Ctrl-C handler")?;
-    child.wait().context("waiting for the child")
+    let status = child.wait().context("waiting for the child")?;
+    if interrupted.load(Ordering::SeqCst) && !status.success() {
+        return Err(Interrupted {
+            what: what.to_owned(),
+        }
+        .into());
+    }
+    Ok(status)
 }
+
+/// A long-running child stopped by a forwarded Ctrl-C (xtask exits with 130, as a shell does).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub what: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} was interrupted (it finished its teardown)",
+            self.what
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Turns a failed exit status into an error naming the step.
 pub fn check(status: ExitStatus, step: &str) -> anyhow::Result<()> {
