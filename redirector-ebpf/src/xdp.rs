@@ -4,6 +4,11 @@
 //!
 //! Every packet read goes through `ptr_at`, the one bounds check the verifier needs to see.
 //! Anything the parser does not understand is passed to the normal stack untouched.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference on purpose: by value they would be copied onto \
+              the 512-byte BPF stack"
+)]
 
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
@@ -356,10 +361,7 @@ fn decapsulate(
 /// Not inlined, for the same stack reason as `steer_call`.
 #[inline(never)]
 fn decapsulate_call(raw: *mut xdp_md, pkt: &Packet, outer_len: usize, inner_type: u16) -> u32 {
-    match decapsulate_inner(&XdpContext::new(raw), pkt, outer_len, inner_type) {
-        Ok(action) => action,
-        Err(Unparsed) => u32::MAX,
-    }
+    decapsulate_inner(&XdpContext::new(raw), pkt, outer_len, inner_type).unwrap_or(u32::MAX)
 }
 
 #[inline(always)]

@@ -330,7 +330,7 @@ impl Harness {
         let r = prog.test_run(TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
-            ctx_in: ctx.as_ref().map(|c| c.as_slice()),
+            ctx_in: ctx.as_deref(),
             ..TestRunOptions::new()
         })?;
         out.truncate(r.data_size_out as usize);
@@ -350,7 +350,7 @@ impl Harness {
         let r = prog.test_run(TestRunOptions {
             data_in: Some(pkt),
             data_out: Some(&mut out),
-            ctx_in: ctx.as_ref().map(|c| c.as_slice()),
+            ctx_in: ctx.as_deref(),
             repeat,
             ..TestRunOptions::new()
         })?;

@@ -2,7 +2,11 @@
 //! bytes out, outputs read back by an independent parser (etherparse, in `packet`).
 //!
 //! Privileged (root or CAP_BPF + CAP_NET_ADMIN); fail under `CI=true` without privileges.
-#![expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic with a message on failure"
+)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
