@@ -159,7 +159,7 @@ impl std::fmt::Display for Blocker {
             ),
             Self::NoNightly => write!(
                 f,
-                "the nightly toolchain is not installed (`rustup toolchain list`): the eBPF build \
+                "the nightly toolchain is not installed (or rustup is not on PATH): the eBPF build \
                  needs it, and setup does not download toolchains"
             ),
         }
