@@ -390,11 +390,13 @@ pub struct GlobalStats {
     pub decap_bytes: u64,
     /// Tunnel packets from senders not on the allow-list (dropped).
     pub decap_denied: u64,
-    /// Steered packets passed to the stack because the next hop had no neighbour entry.
+    /// Packets for a peer whose next hop had no neighbour entry: a new connection is served
+    /// locally, a packet of an established steered flow is dropped (TCP retransmits).
     pub fib_no_neigh: u64,
-    /// Steered packets passed to the stack because the FIB had no usable route.
+    /// Like `fib_no_neigh`, for no usable route, or a packet too big for the peer's path MTU
+    /// once encapsulated.
     pub fib_failed: u64,
-    /// Steered packets passed because growing the packet for the outer headers failed.
+    /// Packets dropped because growing them for the outer headers failed.
     pub encap_failed: u64,
     /// Steered packets whose flow pointed at a removed peer (served locally).
     pub stale_peer: u64,
