@@ -15,17 +15,19 @@
 //! `nsenter --net=/run/netns/NAME` for everything else: `ip netns exec` remounts `/sys`, which
 //! hides the host bpffs where the pins live.
 //!
-//! Two testbed facts the data-plane tests rely on:
+//! Three testbed facts the data-plane tests rely on:
 //! - Transmit checksum offload is turned off on every host's `eth0`. On a veth, a sent TCP
 //!   segment otherwise carries only the pseudo-header sum (CHECKSUM_PARTIAL) to the receiver;
-//!   once an XDP program re-encapsulates it, the metadata saying "finish this checksum" is
-//!   gone and the peer drops the segment. Real NICs never hand such packets to XDP.
+//!   once a driver-mode XDP program has tunnelled it with `XDP_TX`, the metadata saying
+//!   "finish this checksum" is gone and the peer drops the segment (seen: every steered
+//!   connection times out; skb mode is not affected). Real NICs never hand such packets to
+//!   XDP.
 //! - An XDP program that passes everything is attached (driver mode) to every switch-side
 //!   veth end. A frame a host sends with `XDP_TX` lands in the ring of the other end, and
-//!   veth only kicks that end's NAPI after the batch when it has an XDP program
-//!   (`drivers/net/veth.c`, `veth_xdp_flush`: "xdp_ring is initialized on receive side?").
-//!   Without one, tunnelled frames wait in the ring until some other packet comes by: the
-//!   last SYNs of a burst are lost, retransmissions included. A real NIC has no such ring.
+//!   veth wakes that end's NAPI after the batch only if it has an XDP program
+//!   (`drivers/net/veth.c`, `veth_xdp_flush`). With GRO alone enabling NAPI there, tunnelled
+//!   frames waited until some other packet came by (seen: the last SYNs of every burst and
+//!   their retransmissions were lost). A real NIC's transmit ring has no such condition.
 //! - Neighbour entries between all hosts are permanent, so the first steered SYN never meets
 //!   an unresolved next hop (which the program would serve locally, counted `fib_no_neigh`).
 
@@ -693,14 +695,14 @@ impl Testbed {
                 ],
             )?;
             ip(&[
-                "-n", &switch, "link", "add", &host.name, "type", "veth", "peer", "name",
+                "-n", &switch, "link", "add", "name", &host.name, "type", "veth", "peer", "name",
                 HOST_IFACE, "netns", &host.ns,
             ])?;
             ip_batch(
                 &switch,
                 &[
-                    format!("link set {} master br0", host.name),
-                    format!("link set {} up", host.name),
+                    format!("link set dev {} master br0", host.name),
+                    format!("link set dev {} up", host.name),
                 ],
             )?;
             let mut lines = vec![

@@ -139,6 +139,40 @@ fn testbed_carries_http_and_is_torn_down() {
     }
 }
 
+/// A test that panics with a testbed up leaves nothing behind: namespaces and pins go while
+/// the panic unwinds.
+#[test]
+fn testbed_is_torn_down_when_a_test_panics() {
+    if !require_netns_admin("testbed_is_torn_down_when_a_test_panics") {
+        return;
+    }
+    let _serial = serial();
+    let created: std::sync::Arc<Mutex<Vec<std::path::PathBuf>>> = std::sync::Arc::default();
+    let seen = std::sync::Arc::clone(&created);
+    let outcome = std::panic::catch_unwind(move || {
+        let testbed = Testbed::builder()
+            .host("a")
+            .host("b")
+            .build()
+            .unwrap_or_else(|e| panic!("testbed: {e}"));
+        std::fs::create_dir_all(&testbed.host("a").pin_root)
+            .unwrap_or_else(|e| panic!("pin root: {e}"));
+        let mut paths: Vec<std::path::PathBuf> =
+            testbed.hosts.iter().map(|h| h.ns_path()).collect();
+        paths.push(netns_path(&testbed.switch_ns));
+        paths.push(testbed.pin_base().to_owned());
+        assert!(paths.iter().all(|p| p.exists()), "{paths:?}");
+        *seen.lock().unwrap_or_else(|p| p.into_inner()) = paths;
+        panic!("deliberate failure with the testbed up");
+    });
+    assert!(outcome.is_err());
+    let paths = created.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(paths.len(), 4);
+    for path in paths {
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+}
+
 /// Counter deltas between two `stats --json` snapshots.
 fn service_delta(before: &Stats, after: &Stats) -> ServiceStats {
     let b = before.service(SERVICE).cloned().unwrap_or_default();
