@@ -115,8 +115,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
             match cli.run(&["stats"]) {
                 Ok(text) => {
                     println!("  {host}: p2pcdn-redirector stats");
-                    for line in text.lines() {
-                        println!("    {line}");
+                    for line in text.lines().map(str::trim_end) {
+                        if line.is_empty() {
+                            println!();
+                        } else {
+                            println!("    {line}");
+                        }
                     }
                 }
                 Err(e) => println!("  {host}: {e}"),
