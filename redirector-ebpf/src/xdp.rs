@@ -985,23 +985,34 @@ fn encapsulate(
         inner_proto
     };
     let total = outer + pkt.ip_len;
+    // Both the outer IPv4 header checksum and the UDP pseudo header cover the two addresses.
+    let addr_sum = addr_words(&peer.src, peer.family) + addr_words(&peer.addr, peer.family);
     // Headers are written field by field in place: images on the stack would cost frame
     // space the 512-byte BPF stack cannot spare.
     let ip_hdr = if peer.family == family::V4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+        let tot_len = (total as u16).to_be();
+        // The header's checksum from the values written (no re-read of packet memory):
+        // version/IHL/TOS, total length, id 0, DF, TTL/protocol and the addresses.
+        let check = !fold(
+            u16::from_ne_bytes([0x45, pkt.tos]) as u64
+                + tot_len as u64
+                + IPV4_DF.to_be() as u64
+                + u16::from_ne_bytes([OUTER_TTL, next]) as u64
+                + addr_sum,
+        );
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             (*ip).vihl = 0x45;
             (*ip).tos = pkt.tos;
-            (*ip).tot_len = (total as u16).to_be_bytes();
+            (*ip).tot_len = tot_len.to_ne_bytes();
             (*ip).id = [0; 2];
             (*ip).frags = IPV4_DF.to_be_bytes(); // we clamp the MSS instead of fragmenting
             (*ip).ttl = OUTER_TTL;
             (*ip).proto = next;
-            (*ip).check = [0; 2];
+            (*ip).check = check.to_ne_bytes();
             (*ip).src_addr = [peer.src[0], peer.src[1], peer.src[2], peer.src[3]];
             (*ip).dst_addr = [peer.addr[0], peer.addr[1], peer.addr[2], peer.addr[3]];
-            (*ip).check = (!fold(wire_words::<10>(ip.cast()))).to_ne_bytes();
         }
         Ipv4Hdr::LEN
     } else {
@@ -1025,7 +1036,7 @@ fn encapsulate(
         let udp_len = (UdpHdr::LEN + pkt.ip_len) as u16;
         let sport = gue_source_port(hash);
         // Pseudo header + UDP header + the inner packet (wire-order sums, see `fold`).
-        let mut sum = addr_words(&peer.src, peer.family) + addr_words(&peer.addr, peer.family);
+        let mut sum = addr_sum;
         sum += (proto::UDP as u16).to_be() as u64 + 2 * udp_len.to_be() as u64;
         sum += sport.to_be() as u64 + peer.gue_port_be as u64;
         sum += inner_sum;
@@ -1047,40 +1058,24 @@ fn encapsulate(
 /// Ones'-complement sum (unfolded, wire order) of the inner IP packet, without reading its
 /// payload: the TCP checksum makes `pseudo header + segment` sum to 0xffff, so the segment sums
 /// to the complement of its pseudo header (the trick behind Linux's local checksum offload).
-/// The IP header itself is summed word by word.
+/// - IPv4: a header with a correct checksum sums to 0xffff, which is zero in ones'-complement
+///   arithmetic, so the packet sums to the segment alone.
+/// - IPv6: the header's addresses cancel against the pseudo header's, which leaves the first
+///   eight header bytes minus (next header + segment length).
+///
+/// A packet with a wrong inner checksum gets a wrong UDP checksum and is dropped by the peer,
+/// exactly as it would have been dropped after decapsulation.
 #[inline(always)]
 fn inner_packet_sum(ctx: &XdpContext, pkt: &Packet) -> Result<u64, Unparsed> {
     let seg_len = (pkt.ip_len - pkt.ip_hdr_len) as u16;
-    let pseudo = addr_words(&pkt.src, pkt.family)
-        + addr_words(&pkt.dst, pkt.family)
-        + (proto::TCP as u16).to_be() as u64
-        + seg_len.to_be() as u64;
-    let segment = (!fold(pseudo)) as u64;
+    let proto_len = (proto::TCP as u16).to_be() as u64 + seg_len.to_be() as u64;
     if pkt.family == family::V4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, pkt.l3)?;
-        Ok(segment + wire_words::<10>(ip.cast()) + options_sum(ctx, pkt)?)
+        let pseudo = addr_words(&pkt.src, pkt.family) + addr_words(&pkt.dst, pkt.family);
+        Ok((!fold(pseudo + proto_len)) as u64)
     } else {
         let ip: *const Ipv6Hdr = ptr_at(ctx, pkt.l3)?;
-        Ok(segment + wire_words::<20>(ip.cast()))
+        Ok(wire_words::<4>(ip.cast()) + (!fold(proto_len)) as u64)
     }
-}
-
-/// Sum of the IPv4 options' 16-bit words (at most 40 bytes), wire order.
-#[inline(always)]
-fn options_sum(ctx: &XdpContext, pkt: &Packet) -> Result<u64, Unparsed> {
-    let mut sum = 0u64;
-    let words = (pkt.ip_hdr_len - Ipv4Hdr::LEN) / 2;
-    let mut i = 0usize;
-    while i < 20 {
-        if i >= words {
-            break;
-        }
-        let w: *const [u8; 2] = ptr_at(ctx, pkt.l3 + Ipv4Hdr::LEN + i * 2)?;
-        // SAFETY: bounds checked by `ptr_at`.
-        sum += u16::from_ne_bytes(unsafe { *w }) as u64;
-        i += 1;
-    }
-    Ok(sum)
 }
 
 /// Sum of `N` 16-bit words at `p` (packet memory, already bounds checked by the caller
