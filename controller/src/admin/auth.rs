@@ -207,6 +207,7 @@ impl ClientCertVerifier for OptionalClientCert {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use super::*;
 
