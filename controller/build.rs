@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Size limit, InvalidArgument for undecodable input, field validation: see proto.rs.
+        .codec_path("crate::proto::LimitedCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }
