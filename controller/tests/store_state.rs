@@ -1,5 +1,6 @@
 //! Store behaviour: schema migrations, the arrangement state machine, append-only history,
 //! and the small tables.
+#![expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 
 use std::{path::Path, thread};
 
