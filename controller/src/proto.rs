@@ -924,3 +924,378 @@ pub fn decode_limited<U: Message + Default + Validate>(
     })?;
     Ok(message)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::now_ms;
+
+    fn node() -> NodeIdentity {
+        NodeIdentity::generate("edge-1", "Example CDN", &[]).unwrap()
+    }
+
+    fn advert(now: UnixMs) -> pb::Advertisement {
+        pb::Advertisement {
+            name: "edge-1".into(),
+            organisation: "Example CDN".into(),
+            endpoints: Some(pb::Endpoints {
+                control: "127.0.0.1:7443".into(),
+                decap_v4: "192.0.2.1".into(),
+                gossip: "edge-1.example:7946".into(),
+                ..Default::default()
+            }),
+            footprint: Some(pb::Footprint {
+                regions: vec!["DE".into(), "US-CA".into()],
+                client_prefixes: vec!["198.51.100.0/24".into(), "2001:db8::/32".into()],
+                asns: vec![64500],
+            }),
+            modes: vec![pb::RedirectionMode::DsrGue as i32],
+            spare: Some(pb::Capacity {
+                new_connections_per_s: 1000,
+                egress_mbps: 500,
+                storage_bytes: 1 << 30,
+            }),
+            measured_at_ms: now,
+            sequence: 1,
+            expires_at_ms: now + 60_000,
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn requirements() -> pb::ServiceRequirements {
+        pb::ServiceRequirements {
+            request_id: "req-1".into(),
+            service: Some(pb::ServiceSpec {
+                name: "video".into(),
+                addresses: vec!["203.0.113.10:443".into(), "[2001:db8::10]:443".into()],
+                host_names: vec!["video.example".into()],
+            }),
+            manifest: Some(pb::ManifestRef {
+                url: "https://video.example/manifest".into(),
+                version: 1,
+                sha256: vec![0; 32],
+            }),
+            capacity: Some(pb::Capacity {
+                new_connections_per_s: 500,
+                egress_mbps: 100,
+                storage_bytes: 0,
+            }),
+            duration_s: 3600,
+            max_price: Some(pb::Price {
+                per_gb_micros: 10_000,
+                per_1000_connections_micros: 500,
+                currency: "EUR".into(),
+            }),
+            min_sla: Some(pb::SlaTerms {
+                availability_ppm: 999_000,
+                p99_latency_ms: 200,
+            }),
+            modes: vec![pb::RedirectionMode::DsrGue as i32],
+        }
+    }
+
+    #[test]
+    fn signed_advertisement_round_trips() {
+        let id = node();
+        let now = now_ms();
+        let signed = sign_advertisement(&id, &advert(now));
+        let opened = open_advertisement(&signed, now).unwrap();
+        assert_eq!(opened.node_id, id.fingerprint.0.to_vec());
+        assert_eq!(opened.name, "edge-1");
+        assert_eq!(opened.sequence, 1);
+    }
+
+    #[test]
+    fn tampered_forged_and_expired_advertisements_are_refused() {
+        let (id, other) = (node(), node());
+        let now = now_ms();
+        let signed = sign_advertisement(&id, &advert(now));
+
+        // One flipped bit in the signed bytes.
+        let mut tampered = signed.clone();
+        let last = tampered.advertisement.len() - 1;
+        tampered.advertisement[last] ^= 1;
+        assert!(open_advertisement(&tampered, now).is_err());
+
+        // Signed by another key than the node id's.
+        let mut forged = pb::Advertisement::decode(signed.advertisement.as_slice()).unwrap();
+        forged.name = "evil".into();
+        let bytes = forged.encode_to_vec();
+        let forged = pb::SignedAdvertisement {
+            signature: other.sign(ADVERTISEMENT_DOMAIN, &bytes),
+            advertisement: bytes,
+        };
+        assert_eq!(
+            open_advertisement(&forged, now),
+            Err(ProtoError::BadSignature {
+                what: "advertisement"
+            })
+        );
+
+        // node_id that is not the hash of the public key, even if correctly signed.
+        let mut wrong = advert(now);
+        wrong.node_id = other.fingerprint.0.to_vec();
+        wrong.public_key = id.spki_der.clone();
+        let bytes = wrong.encode_to_vec();
+        let wrong = pb::SignedAdvertisement {
+            signature: id.sign(ADVERTISEMENT_DOMAIN, &bytes),
+            advertisement: bytes,
+        };
+        assert!(matches!(
+            open_advertisement(&wrong, now),
+            Err(ProtoError::NodeIdMismatch { .. })
+        ));
+
+        // Expired, and a signature for another domain.
+        assert!(matches!(
+            open_advertisement(&signed, now + 61_000),
+            Err(ProtoError::Expired { .. })
+        ));
+        let mut reused = signed.clone();
+        reused.signature = id.sign(REPUTATION_DOMAIN, &signed.advertisement);
+        assert!(open_advertisement(&reused, now).is_err());
+
+        // Garbage and oversized bytes.
+        let garbage = pb::SignedAdvertisement {
+            advertisement: vec![0xff; 16],
+            signature: vec![0; 64],
+        };
+        assert!(matches!(
+            open_advertisement(&garbage, now),
+            Err(ProtoError::Decode { .. })
+        ));
+        let huge = pb::SignedAdvertisement {
+            advertisement: vec![0; MAX_MESSAGE_BYTES + 1],
+            signature: vec![0; 64],
+        };
+        assert!(matches!(
+            open_advertisement(&huge, now),
+            Err(ProtoError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn advertisement_fields_are_validated_after_the_signature() {
+        let id = node();
+        let now = now_ms();
+        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Advertisement)>)> = vec![
+            ("name", Box::new(|a| a.name = "x".repeat(65))),
+            ("modes", Box::new(|a| a.modes = vec![])),
+            ("modes", Box::new(|a| a.modes = vec![0])),
+            ("modes", Box::new(|a| a.modes = vec![42])),
+            (
+                "footprint.regions",
+                Box::new(|a| a.footprint.as_mut().unwrap().regions = vec!["germany".into()]),
+            ),
+            (
+                "footprint.client_prefixes",
+                Box::new(|a| {
+                    a.footprint.as_mut().unwrap().client_prefixes = vec!["10.0.0.0/33".into()]
+                }),
+            ),
+            (
+                "endpoints.control",
+                Box::new(|a| a.endpoints.as_mut().unwrap().control = "no-port".into()),
+            ),
+            (
+                "endpoints.decap_v4",
+                Box::new(|a| a.endpoints.as_mut().unwrap().decap_v4 = "::1".into()),
+            ),
+            (
+                "expires_at_ms",
+                Box::new(move |a| a.expires_at_ms = now + 10 * MAX_ADVERT_TTL_MS),
+            ),
+        ];
+        for (name, mutate) in cases {
+            let mut ad = advert(now);
+            mutate(&mut ad);
+            let err = open_advertisement(&sign_advertisement(&id, &ad), now).unwrap_err();
+            assert!(err.to_string().starts_with(name), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn reputation_reports_round_trip_and_bind_the_reporter() {
+        let (id, subject, other) = (node(), node(), node());
+        let now = now_ms();
+        let report = pb::ReputationReport {
+            subject: subject.fingerprint.0.to_vec(),
+            samples: 10,
+            mismatches: 1,
+            score_ppm: 900_000,
+            window_start_ms: now - 1000,
+            window_end_ms: now,
+            sequence: 3,
+            ..Default::default()
+        };
+        let signed = sign_reputation(&id, &report);
+        let opened = open_reputation(&signed, &id.spki_der, now).unwrap();
+        assert_eq!(opened.reporter, id.fingerprint.0.to_vec());
+        assert!(matches!(
+            open_reputation(&signed, &other.spki_der, now),
+            Err(ProtoError::NodeIdMismatch { .. })
+        ));
+        let mut bad = signed.clone();
+        bad.signature[0] ^= 1;
+        assert!(matches!(
+            open_reputation(&bad, &id.spki_der, now),
+            Err(ProtoError::BadSignature { .. })
+        ));
+        let mut lying = report.clone();
+        lying.mismatches = 11;
+        let err = open_reputation(&sign_reputation(&id, &lying), &id.spki_der, now).unwrap_err();
+        assert!(err.to_string().contains("mismatches"), "{err}");
+    }
+
+    #[test]
+    fn requirements_validation_names_the_field() {
+        validate_requirements(&requirements()).unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut pb::ServiceRequirements)>)> = vec![
+            ("request_id", Box::new(|r| r.request_id.clear())),
+            ("request_id", Box::new(|r| r.request_id = "x".repeat(65))),
+            ("service", Box::new(|r| r.service = None)),
+            (
+                "service.name",
+                Box::new(|r| r.service.as_mut().unwrap().name = "Video!".into()),
+            ),
+            (
+                "service.addresses",
+                Box::new(|r| r.service.as_mut().unwrap().addresses = vec!["203.0.113.10".into()]),
+            ),
+            (
+                "duration_s",
+                Box::new(|r| r.duration_s = MAX_DURATION_S + 1),
+            ),
+            ("duration_s", Box::new(|r| r.duration_s = 0)),
+            (
+                "price.currency",
+                Box::new(|r| r.max_price.as_mut().unwrap().currency = "eur".into()),
+            ),
+            (
+                "sla.availability_ppm",
+                Box::new(|r| r.min_sla.as_mut().unwrap().availability_ppm = 1_000_001),
+            ),
+            (
+                "capacity",
+                Box::new(|r| r.capacity = Some(pb::Capacity::default())),
+            ),
+            ("modes", Box::new(|r| r.modes.clear())),
+            (
+                "manifest.sha256",
+                Box::new(|r| r.manifest.as_mut().unwrap().sha256 = vec![1; 3]),
+            ),
+        ];
+        for (name, mutate) in cases {
+            let mut r = requirements();
+            mutate(&mut r);
+            let err = validate_requirements(&r).unwrap_err();
+            assert!(err.to_string().starts_with(name), "{name}: {err}");
+            let status = Status::from(err);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn activate_needs_exactly_one_of_arrangement_or_agreement() {
+        let mut a = pb::ActivateRequest {
+            arrangement_id: "arr-1".into(),
+            tunnel_sources: vec!["192.0.2.7".into()],
+            ..Default::default()
+        };
+        validate_activate(&a).unwrap();
+        a.agreement_id = "lt-1".into();
+        assert!(validate_activate(&a).is_err());
+        a.arrangement_id.clear();
+        assert!(
+            validate_activate(&a).is_err(),
+            "long-term needs requirements"
+        );
+        a.requirements = Some(requirements());
+        validate_activate(&a).unwrap();
+        a.tunnel_sources.push("not-an-ip".into());
+        assert!(validate_activate(&a).is_err());
+    }
+
+    #[test]
+    fn offers_and_responses_are_validated() {
+        let offer = pb::Offer {
+            offer_id: "off-1".into(),
+            request_id: "req-1".into(),
+            provider: vec![7; 32],
+            granted: Some(pb::Capacity::default()),
+            price: Some(pb::Price {
+                currency: "EUR".into(),
+                ..Default::default()
+            }),
+            penalties: Some(pb::Penalties {
+                credit_percent_per_breach: 10,
+                max_credit_percent: 50,
+            }),
+            expires_at_ms: 1,
+            mode: pb::RedirectionMode::DsrIpip as i32,
+            duration_s: 60,
+            ..Default::default()
+        };
+        validate_offer(&offer).unwrap();
+        let mut bad = offer.clone();
+        bad.provider = vec![7; 31];
+        assert!(validate_offer(&bad).is_err());
+        let mut bad = offer.clone();
+        bad.penalties.as_mut().unwrap().max_credit_percent = 101;
+        assert!(validate_offer(&bad).is_err());
+        assert!(validate_offer_reply(&pb::OfferReply { result: None }).is_err());
+        validate_offer_reply(&pb::OfferReply {
+            result: Some(pb::offer_reply::Result::Offer(offer)),
+        })
+        .unwrap();
+        let response = pb::OfferResponse {
+            offer_id: "off-1".into(),
+            decision: Some(pb::offer_response::Decision::Counter(pb::Counter {
+                price: None,
+                capacity: None,
+            })),
+        };
+        assert!(validate_offer_response(&response).is_err());
+        let disband = pb::DisbandRequest {
+            arrangement_id: "arr-1".into(),
+            reason: pb::DisbandReason::CrowdOver as i32,
+            settlement: Some(pb::Settlement {
+                charges_micros: 100,
+                credit_micros: 10,
+                total_micros: 90,
+                currency: "EUR".into(),
+            }),
+            ..Default::default()
+        };
+        validate_disband(&disband).unwrap();
+        let mut wrong = disband.clone();
+        wrong.settlement.as_mut().unwrap().total_micros = 100;
+        assert!(validate_disband(&wrong).is_err());
+    }
+
+    #[test]
+    fn codec_decoder_says_invalid_argument() {
+        let err = decode_limited::<pb::HeartbeatRequest>(&[0xffu8, 0xff, 0xff][..]).unwrap_err();
+        assert!(matches!(
+            err,
+            ProtoError::Decode {
+                what: "HeartbeatRequest",
+                ..
+            }
+        ));
+        let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            decode_limited::<pb::HeartbeatRequest>(&big[..]),
+            Err(ProtoError::TooLarge { .. })
+        ));
+        let empty = pb::HeartbeatRequest::default().encode_to_vec();
+        let err = decode_limited::<pb::HeartbeatRequest>(&empty[..]).unwrap_err();
+        assert_eq!(err.to_string(), "HeartbeatRequest.arrangement_id: required");
+        let ok = pb::HeartbeatRequest {
+            arrangement_id: "arr-1".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        decode_limited::<pb::HeartbeatRequest>(&ok[..]).unwrap();
+    }
+}
