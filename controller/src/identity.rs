@@ -373,6 +373,7 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 

@@ -926,9 +926,13 @@ pub fn decode_limited<U: Message + Default + Validate>(
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use super::*;
     use crate::model::now_ms;
+
+    /// One change that must make a message invalid.
+    type Mutation<T> = Box<dyn Fn(&mut T)>;
 
     fn node() -> NodeIdentity {
         NodeIdentity::generate("edge-1", "Example CDN", &[]).unwrap()
@@ -1078,7 +1082,7 @@ mod tests {
     fn advertisement_fields_are_validated_after_the_signature() {
         let id = node();
         let now = now_ms();
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Advertisement)>)> = vec![
+        let cases: Vec<(&str, Mutation<pb::Advertisement>)> = vec![
             ("name", Box::new(|a| a.name = "x".repeat(65))),
             ("modes", Box::new(|a| a.modes = vec![])),
             ("modes", Box::new(|a| a.modes = vec![0])),
@@ -1150,7 +1154,7 @@ mod tests {
     #[test]
     fn requirements_validation_names_the_field() {
         validate_requirements(&requirements()).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::ServiceRequirements)>)> = vec![
+        let cases: Vec<(&str, Mutation<pb::ServiceRequirements>)> = vec![
             ("request_id", Box::new(|r| r.request_id.clear())),
             ("request_id", Box::new(|r| r.request_id = "x".repeat(65))),
             ("service", Box::new(|r| r.service = None)),

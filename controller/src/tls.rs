@@ -503,6 +503,7 @@ fn register_recorder(recorder: &Arc<TrustRecorder>) {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 

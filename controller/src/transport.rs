@@ -320,21 +320,14 @@ where
 
 /// Error answers of unary calls are trailers-only: the status is in the headers.
 fn log_refusal(connection: Option<&PeerConnection>, path: &str, headers: &http::HeaderMap) {
-    let Some(code) = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(Code::from_i32)
-    else {
+    let Some(status) = Status::from_header_map(headers) else {
         return;
     };
+    let code = status.code();
     if code == Code::Ok {
         return;
     }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let message = status.message();
     let (fingerprint, remote) = connection.map_or((String::new(), String::new()), |c| {
         (c.peer.fingerprint.to_string(), c.remote.to_string())
     });
@@ -529,6 +522,7 @@ impl Service<Uri> for TlsDialer {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use http_body_util::{BodyExt as _, Full};
 
