@@ -335,7 +335,7 @@ impl Policy {
     }
 
     /// Deny rules (configuration and operator) that name this peer, as a reason.
-    fn denied(&self, fingerprint: &Fingerprint, organisation: Option<&str>) -> Option<String> {
+    pub fn denied(&self, fingerprint: &Fingerprint, organisation: Option<&str>) -> Option<String> {
         let matches = |subject: &RuleSubject| match subject {
             RuleSubject::Fingerprint(fp) => fp == fingerprint,
             // Denying a claimed organisation is safe even when nothing vouches for the claim.
@@ -826,6 +826,7 @@ pub fn settle(terms: &pb::Offer, usage: &pb::Usage, breaches: u32) -> pb::Settle
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use super::*;
 
