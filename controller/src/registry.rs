@@ -529,7 +529,7 @@ impl Registry {
             .iter()
             .map(|(fp, e)| node_snapshot(*fp, e.liveness, e.since_ms, e.advert.as_ref()))
             .collect();
-        nodes.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+        nodes.sort_by_key(|n| n.fingerprint);
         RegistrySnapshot { own, nodes }
     }
 }
@@ -581,6 +581,7 @@ fn node_snapshot(
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 mod tests {
     use super::*;
     use crate::{identity::NodeIdentity, model::now_ms};

@@ -1,5 +1,6 @@
 //! Discovery over real UDP gossip on 127.0.0.1: nodes learn each other's signed adverts,
 //! forged adverts are refused, a stopped node goes suspect then dead and its advert goes.
+#![expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
 
 use std::{
     net::SocketAddr,
