@@ -592,10 +592,14 @@ async fn run(
     refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Chitchat updates this after each gossip round in which membership or a member's state
+    // changed: reading the state then saves up to one interval against the ticks alone.
+    let mut members = watcher.chitchat.lock().await.live_nodes_watcher();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = gossip.tick() => watcher.tick().await,
+            Ok(()) = members.changed() => watcher.tick().await,
             _ = refresh.tick() => publish(&mut publisher, &watcher.chitchat).await,
             () = refresh_now.notified() => publish(&mut publisher, &watcher.chitchat).await,
             _ = expire.tick() => {
