@@ -762,47 +762,54 @@ impl Negotiator {
             peer.id = %peer.fingerprint.short()
         );
         let started = Instant::now();
-        let result = self
-            .activate_long_term_inner(agreement, peer, &req)
-            .instrument(span)
-            .await;
-        let mut outcome = NegotiationOutcome {
-            request_id: req.request_id.clone(),
-            state: NegotiationState::Failed,
-            requested_conn_per_s: u64::from(
-                req.capacity.as_ref().map_or(0, |c| c.new_connections_per_s),
-            ),
-            covered_conn_per_s: 0,
-            arrangements: Vec::new(),
-            attempts: Vec::new(),
-            detail: String::new(),
-            elapsed: Duration::ZERO,
-        };
-        match &result {
-            Ok(record) => {
-                outcome.state = NegotiationState::Succeeded;
-                outcome.covered_conn_per_s = record.terms.as_ref().map_or(0, granted_conn);
-                outcome.detail = format!(
-                    "long-term agreement {} active with {}",
-                    agreement.agreement_id,
-                    peer.fingerprint.short()
-                );
+        let result = async {
+            let terms = self.long_term_terms(agreement, peer, &req)?;
+            self.store.begin_negotiation(&req, now_ms())?;
+            let result = self
+                .activate_long_term_inner(agreement, peer, &req, terms)
+                .await;
+            let mut outcome = NegotiationOutcome {
+                request_id: req.request_id.clone(),
+                state: NegotiationState::Failed,
+                requested_conn_per_s: u64::from(
+                    req.capacity.as_ref().map_or(0, |c| c.new_connections_per_s),
+                ),
+                covered_conn_per_s: 0,
+                arrangements: Vec::new(),
+                attempts: Vec::new(),
+                detail: String::new(),
+                elapsed: Duration::ZERO,
+            };
+            match &result {
+                Ok(record) => {
+                    outcome.state = NegotiationState::Succeeded;
+                    outcome.covered_conn_per_s = record.terms.as_ref().map_or(0, granted_conn);
+                    outcome.detail = format!(
+                        "long-term agreement {} active with {}",
+                        agreement.agreement_id,
+                        peer.fingerprint.short()
+                    );
+                }
+                Err(e) => outcome.detail = e.to_string(),
             }
-            Err(NegotiationError::Store(StoreError::DuplicateNegotiation(_))) => {
-                return result;
-            }
-            Err(e) => outcome.detail = e.to_string(),
+            self.finish(outcome, started, "long_term");
+            result
         }
-        self.finish(outcome, started, "long_term");
+        .instrument(span)
+        .await;
+        if let Err(e) = &result {
+            warn!(agreement.id = %agreement.agreement_id, "long-term activation failed: {e}");
+        }
         result
     }
 
-    async fn activate_long_term_inner(
+    /// The terms of this activation of `agreement`, or why it cannot be activated.
+    fn long_term_terms(
         &self,
         agreement: &LongTerm,
         peer: &Candidate,
         req: &pb::ServiceRequirements,
-    ) -> Result<ArrangementRecord, NegotiationError> {
+    ) -> Result<pb::Offer, NegotiationError> {
         let refuse = |reason: &str| NegotiationError::Agreement {
             agreement_id: agreement.agreement_id.clone(),
             reason: reason.to_owned(),
@@ -813,18 +820,27 @@ impl Negotiator {
         if agreement.peer != peer.fingerprint {
             return Err(refuse("the agreement is with another peer"));
         }
-        let now = now_ms();
+        proto::validate_requirements(req)
+            .map_err(|e| refuse(&format!("invalid requirements: {e}")))?;
         let peer_modes: Vec<pb::RedirectionMode> = peer
             .advert
             .modes
             .iter()
             .filter_map(|m| pb::RedirectionMode::try_from(*m).ok())
             .collect();
-        let terms = agreement
-            .terms_for(req, peer.fingerprint, &peer_modes, now)
-            .map_err(|r| refuse(&reject_text("does not fit", &r)))?;
-        self.store.begin_negotiation(req, now)?;
+        agreement
+            .terms_for(req, peer.fingerprint, &peer_modes, now_ms())
+            .map_err(|r| refuse(&reject_text("does not fit", &r)))
+    }
 
+    async fn activate_long_term_inner(
+        &self,
+        agreement: &LongTerm,
+        peer: &Candidate,
+        req: &pb::ServiceRequirements,
+        terms: pb::Offer,
+    ) -> Result<ArrangementRecord, NegotiationError> {
+        let now = now_ms();
         let id = new_id("a");
         let mut record = ArrangementRecord::new(
             id.clone(),
