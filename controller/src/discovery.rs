@@ -35,6 +35,7 @@ use tokio::{
 };
 
 use crate::{
+    config,
     identity::NodeIdentity,
     model::{Fingerprint, UnixMs, now_ms},
     proto::{self, MAX_MESSAGE_BYTES, ProtoError, pb},
@@ -101,9 +102,6 @@ impl DiscoveryConfig {
                 MIN_GOSSIP_INTERVAL.as_millis()
             ));
         }
-        if self.suspect_after < self.gossip_interval * 2 {
-            return bad("suspect_after must be at least two gossip intervals".to_owned());
-        }
         if self.dead_after <= self.suspect_after {
             return bad("dead_after must be longer than suspect_after".to_owned());
         }
@@ -119,6 +117,22 @@ impl DiscoveryConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl From<&config::DiscoveryConfig> for DiscoveryConfig {
+    /// The `[discovery]` section, already validated by [`config::Config::load`].
+    fn from(c: &config::DiscoveryConfig) -> Self {
+        Self {
+            listen: c.gossip_listen,
+            advertise: c.advertise_gossip,
+            seeds: c.seeds.clone(),
+            gossip_interval: Duration::from_millis(c.gossip_interval_ms),
+            advert_ttl: Duration::from_secs(c.advert_ttl_s),
+            advert_refresh: Duration::from_secs(c.advert_refresh_s),
+            suspect_after: Duration::from_millis(c.suspect_after_ms),
+            dead_after: Duration::from_millis(c.dead_after_ms),
+        }
     }
 }
 
@@ -192,6 +206,13 @@ pub async fn start(
     advert_source: impl Fn() -> pb::Advertisement + Send + Sync + 'static,
 ) -> Result<Discovery, DiscoveryError> {
     cfg.validate()?;
+    if cfg.suspect_after < cfg.gossip_interval * 2 {
+        tracing::warn!(
+            suspect_after_ms = cfg.suspect_after.as_millis(),
+            gossip_interval_ms = cfg.gossip_interval.as_millis(),
+            "suspect_after is under two gossip intervals: healthy peers will flap to suspect"
+        );
+    }
     let socket = UdpSocket::open(cfg.listen)
         .await
         .map_err(|e| DiscoveryError::Bind {

@@ -395,3 +395,57 @@ async fn a_stopped_node_goes_suspect_then_dead_and_its_advert_is_removed() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_is_alive_again_with_its_new_advert() {
+    let (_, a) = node("a", config(50, &[]), 7500).await;
+    let seeded = config(50, &[a.gossip_addr()]);
+    let c_id = identity("c");
+    let start_c = |port: u16| {
+        let (cfg, id) = (seeded.clone(), c_id.clone());
+        async move {
+            let registry = Registry::new(id.fingerprint);
+            discovery::start(cfg, id, registry, source("c", port))
+                .await
+                .unwrap()
+        }
+    };
+    let c = start_c(7501).await;
+    wait_for("a to learn c", Duration::from_secs(5), || a.known() == 1).await;
+    let before = a.registry().get(&c_id.fingerprint).unwrap().advert;
+    c.shutdown().await;
+    let registry = a.registry().clone();
+    wait_for("c dead", Duration::from_secs(5), || {
+        registry.liveness(&c_id.fingerprint).unwrap().0 == Liveness::Dead
+    })
+    .await;
+
+    // Same key, new process: a new generation on a new port, a higher sequence.
+    let c = start_c(7502).await;
+    wait_for("c alive again", Duration::from_secs(5), || a.known() == 1).await;
+    let after = registry.get(&c_id.fingerprint).unwrap().advert;
+    assert!(after.sequence > before.sequence);
+    assert_eq!(after.endpoints.unwrap().control, "127.0.0.1:7502");
+    assert_eq!(
+        registry.liveness(&c_id.fingerprint).unwrap().0,
+        Liveness::Alive
+    );
+    a.shutdown().await;
+    c.shutdown().await;
+}
+
+#[test]
+fn the_config_section_converts_with_its_defaults() {
+    let section = p2pcdn_controller::config::DiscoveryConfig::default();
+    let cfg = DiscoveryConfig::from(&section);
+    assert_eq!(cfg, DiscoveryConfig::default());
+    cfg.validate().unwrap();
+    let mut bad = cfg.clone();
+    bad.dead_after = bad.suspect_after;
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dead_after")
+    );
+}
