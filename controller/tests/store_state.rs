@@ -57,7 +57,7 @@ const STATES: [State; 7] = [
 #[test]
 fn migrates_an_empty_file_and_reopens_with_data_intact() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p2pcdn.db");
+    let path = dir.path().join("state/p2pcdn.db");
     {
         let store = Store::open(&path).unwrap();
         assert_eq!(
