@@ -9,7 +9,9 @@
 
 use std::sync::{Arc, RwLock};
 
+pub use crate::config::AdmitUnknown;
 use crate::{
+    config::{LongTermConfig, PeerMatch, PolicyConfig, ResourcesConfig},
     identity::CertInfo,
     model::{Fingerprint, Role, TrustLevel, UnixMs, now_ms},
     proto::pb,
@@ -36,16 +38,6 @@ pub enum PolicyError {
         agreement_id: String,
         reason: String,
     },
-}
-
-/// How peers that no rule names are treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AdmitUnknown {
-    /// Only peers an allow rule (or the CA bundle, or a long-term agreement) names.
-    #[default]
-    AllowList,
-    /// Anyone with a valid certificate, at [`TrustLevel::FirstContact`].
-    FirstContact,
 }
 
 /// The `[policy]` settings this module needs (the configuration's values, validated there).
@@ -91,34 +83,51 @@ pub struct PolicySettings {
 }
 
 impl Default for PolicySettings {
-    /// The documented defaults of `[policy]`.
+    /// The documented defaults of `[policy]`, with every redirection mode.
     fn default() -> Self {
+        let mut settings = Self::from_config(&PolicyConfig::default(), &ResourcesConfig::default());
+        settings.modes = vec![
+            pb::RedirectionMode::DsrGue,
+            pb::RedirectionMode::DsrIpip,
+            pb::RedirectionMode::HttpRedirect,
+        ];
+        settings
+    }
+}
+
+impl PolicySettings {
+    /// From the (validated) `[policy]` and `[resources]` sections.
+    pub fn from_config(policy: &PolicyConfig, resources: &ResourcesConfig) -> Self {
+        let subject = |m: &PeerMatch| match m {
+            PeerMatch::Fingerprint(fp) => RuleSubject::Fingerprint(*fp),
+            PeerMatch::Organisation(org) => RuleSubject::Organisation(org.clone()),
+        };
         Self {
-            admit_unknown: AdmitUnknown::AllowList,
-            allow: Vec::new(),
-            deny: Vec::new(),
-            min_reputation_ppm: 0,
-            offer_share_percent: 50,
-            price_per_gb_micros: 10_000,
-            price_per_1000_connections_micros: 1_000,
-            currency: "EUR".to_owned(),
-            min_price_percent: 80,
-            sla_availability_ppm: 999_000,
-            sla_p99_latency_ms: 200,
-            penalty_credit_percent: 10,
-            penalty_max_percent: 50,
-            offer_ttl_ms: 10_000,
-            max_price_per_gb_micros: 20_000,
-            max_price_per_1000_connections_micros: 2_000,
-            min_sla_availability_ppm: 990_000,
-            max_sla_p99_latency_ms: 500,
-            candidates: 3,
-            negotiation_timeout_ms: 3_000,
-            modes: vec![
-                pb::RedirectionMode::DsrGue,
-                pb::RedirectionMode::DsrIpip,
-                pb::RedirectionMode::HttpRedirect,
-            ],
+            admit_unknown: policy.admit_unknown,
+            allow: policy.allow.iter().map(subject).collect(),
+            deny: policy.deny.iter().map(subject).collect(),
+            min_reputation_ppm: policy.min_reputation_ppm,
+            offer_share_percent: policy.offer_share_percent,
+            price_per_gb_micros: policy.price_per_gb_micros,
+            price_per_1000_connections_micros: policy.price_per_1000_connections_micros,
+            currency: policy.currency.clone(),
+            min_price_percent: policy.min_price_percent,
+            sla_availability_ppm: policy.sla_availability_ppm,
+            sla_p99_latency_ms: policy.sla_p99_latency_ms,
+            penalty_credit_percent: policy.penalty_credit_percent,
+            penalty_max_percent: policy.penalty_max_percent,
+            offer_ttl_ms: policy.offer_ttl_ms,
+            max_price_per_gb_micros: policy.max_price_per_gb_micros,
+            max_price_per_1000_connections_micros: policy.max_price_per_1000_connections_micros,
+            min_sla_availability_ppm: policy.min_sla_availability_ppm,
+            max_sla_p99_latency_ms: policy.max_sla_p99_latency_ms,
+            candidates: usize::try_from(policy.candidates).unwrap_or(usize::MAX),
+            negotiation_timeout_ms: policy.negotiation_timeout_ms,
+            modes: resources
+                .effective_modes()
+                .into_iter()
+                .map(|m| m.to_pb())
+                .collect(),
         }
     }
 }
@@ -147,6 +156,33 @@ pub struct LongTerm {
 }
 
 impl LongTerm {
+    /// From a `[[policy.long_term]]` entry; what it leaves out (currency, SLA, penalties)
+    /// comes from `[policy]`.
+    pub fn from_config(entry: &LongTermConfig, policy: &PolicyConfig) -> Self {
+        Self {
+            agreement_id: entry.agreement_id.clone(),
+            peer: entry.peer,
+            role: entry.role,
+            new_connections_per_s: entry.new_connections_per_s,
+            egress_mbps: entry.egress_mbps,
+            price_per_gb_micros: entry.price_per_gb_micros,
+            price_per_1000_connections_micros: entry.price_per_1000_connections_micros,
+            currency: entry
+                .currency
+                .clone()
+                .unwrap_or_else(|| policy.currency.clone()),
+            sla_availability_ppm: entry
+                .sla_availability_ppm
+                .unwrap_or(policy.sla_availability_ppm),
+            sla_p99_latency_ms: entry
+                .sla_p99_latency_ms
+                .unwrap_or(policy.sla_p99_latency_ms),
+            penalty_credit_percent: policy.penalty_credit_percent,
+            penalty_max_percent: policy.penalty_max_percent,
+            duration_s: entry.duration_s,
+        }
+    }
+
     /// The terms of one activation of the agreement for `req`: the agreement's price, SLA and
     /// penalties, the capacity asked for (refused if above the agreement's), the first mode of
     /// the primary's list that `modes` (the provider's) supports.
@@ -278,6 +314,27 @@ impl Policy {
         };
         policy.reload_rules()?;
         Ok(policy)
+    }
+
+    /// The policy of a node configured by `config` (its `[policy]`, `[resources]` modes and
+    /// `[[policy.long_term]]`), with the operator rules of `store`.
+    pub fn from_config(
+        self_id: Fingerprint,
+        config: &crate::config::Config,
+        store: Option<Store>,
+    ) -> Result<Self, PolicyError> {
+        let long_term = config
+            .policy
+            .long_term
+            .iter()
+            .map(|entry| LongTerm::from_config(entry, &config.policy))
+            .collect();
+        Self::new(
+            self_id,
+            PolicySettings::from_config(&config.policy, &config.resources),
+            long_term,
+            store,
+        )
     }
 
     /// Re-reads the operator rules from the store (call after every rule change).
@@ -1011,7 +1068,7 @@ mod tests {
         let granted = offer.granted.unwrap();
         assert_eq!(granted.new_connections_per_s, 200, "50 % of 400");
         assert_eq!(granted.egress_mbps, 100);
-        assert_eq!(offer.price.unwrap().per_gb_micros, 10_000);
+        assert_eq!(offer.price.unwrap().per_gb_micros, 20_000);
         assert_eq!(
             offer.mode,
             pb::RedirectionMode::DsrIpip as i32,
@@ -1053,13 +1110,13 @@ mod tests {
             pb::RejectReason::NoCapacity
         );
         let mut cheap = requirements(10);
-        cheap.max_price.as_mut().unwrap().per_gb_micros = 7_999;
+        cheap.max_price.as_mut().unwrap().per_gb_micros = 15_999;
         assert_eq!(
             reason(p.offer_for(&cheap, &who, None, spare(400), 0)),
             pb::RejectReason::PriceTooLow
         );
         let mut at_floor = requirements(10);
-        at_floor.max_price.as_mut().unwrap().per_gb_micros = 8_000;
+        at_floor.max_price.as_mut().unwrap().per_gb_micros = 16_000;
         assert!(p.offer_for(&at_floor, &who, None, spare(400), 0).is_ok());
         let mut strict = requirements(10);
         strict.min_sla.as_mut().unwrap().p99_latency_ms = 50;
@@ -1121,16 +1178,16 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let answer = p.answer_counter(&offer, &counter(8_000, 800)).unwrap();
+        let answer = p.answer_counter(&offer, &counter(16_000, 800)).unwrap();
         assert_ne!(answer.offer_id, offer.offer_id);
-        assert_eq!(answer.price.as_ref().unwrap().per_gb_micros, 8_000);
+        assert_eq!(answer.price.as_ref().unwrap().per_gb_micros, 16_000);
         assert_eq!(answer.granted.unwrap().new_connections_per_s, 60);
         assert_eq!(answer.request_id, offer.request_id);
-        let refused = p.answer_counter(&offer, &counter(8_000, 799)).unwrap_err();
+        let refused = p.answer_counter(&offer, &counter(16_000, 799)).unwrap_err();
         assert_eq!(refused.reason(), pb::RejectReason::PriceTooLow);
         // A counter above the offered price never raises it.
         let generous = p.answer_counter(&offer, &counter(99_000, 99_000)).unwrap();
-        assert_eq!(generous.price.unwrap().per_gb_micros, 10_000);
+        assert_eq!(generous.price.unwrap().per_gb_micros, 20_000);
     }
 
     #[test]
@@ -1156,10 +1213,10 @@ mod tests {
             p.acceptable(&offer(20_000, 2_000, 500)),
             Acceptability::Accept
         );
-        match p.acceptable(&offer(30_000, 1_000, 100)) {
+        match p.acceptable(&offer(60_000, 1_000, 100)) {
             Acceptability::Counter(c) => {
                 let price = c.price.unwrap();
-                assert_eq!(price.per_gb_micros, 20_000);
+                assert_eq!(price.per_gb_micros, 50_000);
                 assert_eq!(price.per_1000_connections_micros, 1_000);
             }
             other => panic!("expected a counter, got {other:?}"),
@@ -1204,6 +1261,55 @@ mod tests {
         assert_eq!(too_much.reason(), pb::RejectReason::NoCapacity);
         let duplicate = Policy::new(fp(0), PolicySettings::default(), vec![lt.clone(), lt], None);
         assert!(duplicate.is_err());
+    }
+
+    #[test]
+    fn built_from_the_configuration_sections() {
+        let policy_toml = format!(
+            r#"
+admit_unknown = "first-contact"
+deny = [{{ fingerprint = "{deny}" }}]
+price_per_gb_micros = 12345
+max_price_per_gb_micros = 23456
+
+[[long_term]]
+agreement_id = "acme-2026"
+peer = "{peer}"
+role = "primary"
+new_connections_per_s = 300
+price_per_gb_micros = 1000
+"#,
+            deny = fp(9),
+            peer = fp(3),
+        );
+        let policy: PolicyConfig = toml::from_str(&policy_toml).unwrap();
+        let resources: ResourcesConfig = toml::from_str(r#"decap_v4 = "192.0.2.1""#).unwrap();
+        let long_term = policy
+            .long_term
+            .iter()
+            .map(|e| LongTerm::from_config(e, &policy))
+            .collect();
+        let settings = PolicySettings::from_config(&policy, &resources);
+        let p = Policy::new(fp(0), settings, long_term, None).unwrap();
+        let s = p.settings();
+        assert_eq!(s.price_per_gb_micros, 12_345);
+        assert_eq!(s.max_price_per_gb_micros, 23_456);
+        assert_eq!(
+            s.modes,
+            [pb::RedirectionMode::DsrGue, pb::RedirectionMode::DsrIpip],
+            "a decap address and no surrogate"
+        );
+        assert!(p.admission(&fp(9), None, false).is_err());
+        assert_eq!(
+            p.admission(&fp(4), None, false),
+            Ok(TrustLevel::FirstContact)
+        );
+        assert_eq!(p.admission(&fp(3), None, false), Ok(TrustLevel::LongTerm));
+        let lt = p.agreement("acme-2026", &fp(3)).unwrap();
+        assert_eq!(lt.role, Role::Primary);
+        assert_eq!(lt.currency, "EUR");
+        assert_eq!(lt.price_per_gb_micros, 1_000);
+        assert_eq!(lt.sla_p99_latency_ms, s.sla_p99_latency_ms);
     }
 
     #[test]

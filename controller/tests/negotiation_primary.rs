@@ -247,6 +247,15 @@ impl PeerClient for FakePeers {
     }
 }
 
+/// The primary's settings: pays at most 20 000 per GB and 2 000 per 1000 connections.
+fn primary_settings() -> PolicySettings {
+    PolicySettings {
+        max_price_per_gb_micros: 20_000,
+        max_price_per_1000_connections_micros: 2_000,
+        ..PolicySettings::default()
+    }
+}
+
 /// A provider's settings: allows the primary, sells at `gb`/`conn` list prices.
 fn provider_settings(gb: u64, conn: u64) -> PolicySettings {
     PolicySettings {
@@ -401,7 +410,7 @@ fn states(store: &Store, id: &str) -> Vec<State> {
 #[tokio::test]
 async fn the_best_ranked_offer_wins_and_the_others_are_declined() {
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![
             provider(1, provider_settings(15_000, 1_500), 1000),
             provider(2, provider_settings(10_000, 1_000), 1000),
@@ -469,7 +478,7 @@ async fn on_equal_price_lower_latency_then_reputation_win() {
     let mut unknown = provider(3, provider_settings(10_000, 1_000), 1000);
     unknown.reputation = None;
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![unknown, reputed, provider(1, fast, 1000)],
         vec![],
     );
@@ -482,7 +491,7 @@ async fn on_equal_price_lower_latency_then_reputation_win() {
     let mut reputed = provider(2, provider_settings(10_000, 1_000), 1000);
     reputed.reputation = Some(900_000);
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![provider(3, provider_settings(10_000, 1_000), 1000), reputed],
         vec![],
     );
@@ -500,7 +509,7 @@ async fn on_equal_price_lower_latency_then_reputation_win() {
 #[tokio::test]
 async fn two_offers_cover_what_one_cannot() {
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![
             provider(1, provider_settings(10_000, 1_000), 1000), // grants 500
             provider(2, provider_settings(10_000, 1_000), 600),  // grants 300
@@ -542,7 +551,7 @@ async fn a_price_above_the_ceiling_is_countered_once() {
     // List price 25 000 / 2 500 is above the primary's 20 000 / 2 000; the provider's floor
     // (80 %) is 20 000 / 2 000, so the counter at the ceiling is taken.
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![provider(1, provider_settings(25_000, 2_500), 1000)],
         vec![],
     );
@@ -592,7 +601,7 @@ async fn a_refused_counter_cancels_and_the_next_offer_covers() {
         ..provider_settings(25_000, 100)
     };
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![
             provider(1, stubborn, 1000),
             // Dearer per connection than the countered price but within the ceiling.
@@ -635,11 +644,7 @@ async fn a_provider_policy_rejection_is_recorded_with_its_reason() {
         deny: vec![RuleSubject::Fingerprint(PRIMARY)],
         ..provider_settings(10_000, 1_000)
     };
-    let w = world(
-        PolicySettings::default(),
-        vec![provider(1, closed, 1000)],
-        vec![],
-    );
+    let w = world(primary_settings(), vec![provider(1, closed, 1000)], vec![]);
     let outcome = w
         .negotiator
         .negotiate(requirements("r-denied", 100), w.candidates.clone())
@@ -665,7 +670,7 @@ async fn a_provider_policy_rejection_is_recorded_with_its_reason() {
 #[tokio::test]
 async fn a_candidate_the_primary_denies_is_never_asked() {
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![
             provider(1, provider_settings(1, 1), 1000),
             provider(2, provider_settings(10_000, 1_000), 1000),
@@ -700,7 +705,7 @@ async fn an_unresponsive_candidate_times_out_and_the_next_covers() {
     let mut silent = provider(1, provider_settings(1, 1), 1000);
     silent.behaviour = Behaviour::Hang;
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![silent, provider(2, provider_settings(10_000, 1_000), 1000)],
         vec![],
     );
@@ -734,7 +739,7 @@ async fn a_failed_activation_is_cancelled_and_another_offer_covers() {
     let mut broken = provider(1, provider_settings(1_000, 100), 1000);
     broken.behaviour = Behaviour::FailActivate;
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![broken, provider(2, provider_settings(10_000, 1_000), 1000)],
         vec![],
     );
@@ -772,7 +777,7 @@ async fn a_failed_activation_is_cancelled_and_another_offer_covers() {
 #[tokio::test]
 async fn what_no_one_can_cover_is_reported_as_partial() {
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![provider(1, provider_settings(10_000, 1_000), 400)],
         vec![],
     );
@@ -831,7 +836,7 @@ async fn a_long_term_peer_activates_in_two_steps() {
     let mut peer = provider(1, PolicySettings::default(), 1000);
     peer.long_term = vec![agreement(Role::Provider)];
     let w = world(
-        PolicySettings::default(),
+        primary_settings(),
         vec![peer],
         vec![agreement(Role::Primary)],
     );
@@ -879,7 +884,7 @@ fn outcomes_and_durations_are_counted() {
             .unwrap();
         runtime.block_on(async {
             let w = world(
-                PolicySettings::default(),
+                primary_settings(),
                 vec![provider(1, provider_settings(10_000, 1_000), 1000)],
                 vec![],
             );
