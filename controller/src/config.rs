@@ -595,11 +595,14 @@ impl Config {
             });
         }
         let text = fs::read_to_string(path).map_err(read_err)?;
-        Self::from_toml_str(&text, path)
+        let config = Self::from_toml_str(&text, path)?;
+        config.check_files()?;
+        Ok(config)
     }
 
     /// Parses and validates `text` as if it were the file at `path` (relative paths resolve
-    /// against `path`'s directory; file references must exist).
+    /// against `path`'s directory). Unlike [`Config::load`] it does not look at the file
+    /// system: the key, certificate and CA bundle need not exist (tests, tools).
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let de = toml::de::Deserializer::parse(text).map_err(|e| syntax(path, text, &e))?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -663,18 +666,10 @@ impl Config {
         }
     }
 
-    /// Checks that need more than one value, or the file system.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// The files the config names: the key, certificate and CA bundle exist, the data
+    /// directory is a directory if it exists (the store creates it otherwise).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
         let n = &self.node;
-        if n.listen.ip().is_unspecified() && n.advertise_control.is_none() {
-            return Err(self.invalid(
-                "node.advertise_control",
-                format!(
-                    "required when node.listen is {} (peers cannot dial an unspecified address)",
-                    n.listen
-                ),
-            ));
-        }
         if n.data_dir.exists() && !n.data_dir.is_dir() {
             return Err(self.invalid(
                 "node.data_dir",
@@ -691,6 +686,21 @@ impl Config {
                     format!("no such file {:?}", file.display().to_string()),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks that need more than one value.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node;
+        if n.listen.ip().is_unspecified() && n.advertise_control.is_none() {
+            return Err(self.invalid(
+                "node.advertise_control",
+                format!(
+                    "required when node.listen is {} (peers cannot dial an unspecified address)",
+                    n.listen
+                ),
+            ));
         }
 
         let d = &self.discovery;

@@ -641,3 +641,18 @@ fn missing_name_syntax_errors_and_missing_files_are_one_line() {
     let err = Config::load(&big).unwrap_err();
     assert!(err.to_string().contains("larger than"), "{err}");
 }
+
+#[test]
+fn parsing_a_string_checks_values_but_not_files() {
+    let path = Path::new("/nonexistent/p2pcdn.toml");
+    let c = Config::from_toml_str(MINIMAL, path).unwrap();
+    assert_eq!(c.tls.key, Path::new("/nonexistent/node.key"));
+    assert!(
+        c.check_files()
+            .unwrap_err()
+            .to_string()
+            .contains("tls.key: no such file")
+    );
+    let err = Config::from_toml_str(&with("admin", "listen = \"x\"\n"), path).unwrap_err();
+    assert!(err.to_string().contains("admin.listen"), "{err}");
+}
