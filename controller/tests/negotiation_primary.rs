@@ -918,3 +918,51 @@ fn outcomes_and_durations_are_counted() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_mediators_requirements_negotiate_end_to_end() {
+    let service: p2pcdn_controller::config::ServiceConfig = toml::from_str(
+        r#"
+name = "shop"
+addresses = ["198.51.100.10:443"]
+duration_s = 900
+"#,
+    )
+    .unwrap();
+    let resources = p2pcdn_controller::config::ResourcesConfig::default();
+    let w = world(
+        primary_settings(),
+        vec![
+            provider(1, provider_settings(10_000, 1_000), 300), // grants 150
+            provider(2, provider_settings(12_000, 1_000), 300), // grants 150
+        ],
+        vec![],
+    );
+    let req =
+        p2pcdn_controller::mediator::requirements(&service, &resources, &w.primary, 250, now_ms());
+    let outcome = w
+        .negotiator
+        .negotiate(req.clone(), w.candidates.clone())
+        .await;
+    assert_eq!(
+        outcome.state,
+        NegotiationState::Succeeded,
+        "{}",
+        outcome.detail
+    );
+    // Offers are taken whole (prices are per use): 150 + 150 for the 250 asked.
+    assert_eq!(outcome.covered_conn_per_s, 300);
+    assert_eq!(outcome.arrangements.len(), 2);
+    // The cheaper provider was asked for everything and granted 150; the other one covers the
+    // rest out of the same round of offers.
+    assert_eq!(outcome.arrangements[0].peer, fp(1));
+    for a in &outcome.arrangements {
+        assert_eq!(a.service.as_ref().unwrap().name, "shop");
+        assert_eq!(a.terms.as_ref().unwrap().duration_s, 900);
+        assert!(a.expires_ms.unwrap() > now_ms());
+    }
+    assert_eq!(
+        w.store.negotiation(&req.request_id).unwrap().unwrap().state,
+        NegotiationState::Succeeded
+    );
+}
