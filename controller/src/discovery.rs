@@ -620,7 +620,11 @@ async fn run(
         tokio::select! {
             _ = stop.changed() => break,
             _ = gossip.tick() => watcher.tick().await,
-            Ok(()) = members.changed() => watcher.tick().await,
+            Ok(()) = members.changed() => {
+                watcher.tick().await;
+                // The state was just read: the next periodic read can wait a full interval.
+                gossip.reset();
+            }
             _ = refresh.tick() => publish(&mut publisher, &watcher.chitchat).await,
             () = refresh_now.notified() => publish(&mut publisher, &watcher.chitchat).await,
             _ = expire.tick() => {
