@@ -11,6 +11,7 @@
 //! it over TLS until shutdown.
 
 mod auth;
+mod client;
 mod server;
 mod views;
 
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use self::{
     auth::{AdminAuth, AdminRole, ClientCert, MAX_TOKEN_LEN},
+    client::{AdminClient, ClientError, MAX_RESPONSE_BYTES},
     server::{serve, tls_config},
     views::*,
 };
