@@ -99,6 +99,14 @@ impl AdminAuth {
         })
     }
 
+    /// The tokens and clients of the config's `[admin]` section.
+    pub fn from_config(config: &crate::config::AdminConfig) -> Result<Self, AdminError> {
+        Self::new(
+            config.tokens.iter().map(|t| (t.token.clone(), t.role)),
+            config.clients.iter().map(|c| (c.fingerprint, c.role)),
+        )
+    }
+
     /// The role of a bearer token, if it is one of ours. When a token is listed twice the
     /// higher role wins.
     pub fn token_role(&self, token: &str) -> Option<AdminRole> {
