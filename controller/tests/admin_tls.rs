@@ -1,6 +1,10 @@
 //! The admin API over real HTTPS on 127.0.0.1: the node certificate, the CLI's pinned client,
 //! bearer tokens and client certificates, and a clean shutdown.
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests panic with a message on failure")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic with a message on failure"
+)]
 
 mod admin_fake;
 
