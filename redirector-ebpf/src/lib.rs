@@ -15,7 +15,7 @@
 
 /// Version of the map layouts below. Bump it on any change to a map's name, type, key or
 /// value; userspace refuses to reuse pinned maps of another version.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Highest number of services (ids `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 64;
@@ -289,15 +289,19 @@ pub const DECISION_STEERED: u8 = 2;
 pub struct FlowValue {
     /// `DECISION_*`.
     pub decision: u8,
-    pub _pad0: [u8; 3],
+    pub _pad0: u8,
+    pub _pad1: u16,
     /// Service id (for counters).
     pub service: u32,
     /// Peer slot (for `DECISION_STEERED`).
     pub peer: u32,
     /// `PeerConf::generation` of the slot when the flow was placed.
     pub peer_generation: u32,
+    /// `flow_hash` of the key (for `DECISION_STEERED`; 0 otherwise): later packets take the
+    /// GUE source port and IPv6 flow label from it instead of hashing the key again.
+    pub hash: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 20);
 
 /// Value of `BUCKETS` and `GUARD`: GCRA state (theoretical arrival time, in
 /// `bpf_ktime_get_ns` time). Updated with compare-and-swap, so one bucket is exact across CPUs.
@@ -376,8 +380,32 @@ pub struct PeerStats {
     pub bytes: u64,
     /// Times the peer was picked by Maglev but had no token.
     pub no_token: u64,
+    /// The kernel's next-hop cache towards the peer, kept here so that one per-CPU lookup per
+    /// steered packet serves both the cache and the counters. Userspace ignores it when
+    /// summing; zeroing it (a stats reset) only makes the next packet look the route up again.
+    pub next_hop: NextHop,
 }
-const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
+const _: () = assert!(core::mem::size_of::<PeerStats>() == 64);
+
+/// A cached `bpf_fib_lookup` result (see `PeerStats::next_hop`), written and read only by the
+/// kernel on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_jiffies64` when the entry was filled.
+    pub stamp: u64,
+    /// `PeerConf::generation` it was filled for.
+    pub generation: u32,
+    /// Output interface.
+    pub ifindex: u32,
+    /// MACs as 16-bit words in wire order, copied with word stores (6-byte array copies
+    /// become calls to `memmove` on BPF).
+    pub dmac: [u16; 3],
+    pub smac: [u16; 3],
+    /// Non-zero when the entry holds a lookup result.
+    pub valid: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
 /// `GLOBAL_STATS[0]` (per CPU): events that belong to no service.
 #[repr(C)]
@@ -486,6 +514,7 @@ mod pod {
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::PeerStats {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::FlowBudget {}
 }

@@ -38,7 +38,7 @@ use redirector_ebpf::{
     AddrKey, BUCKETS_LEN, Bucket, CONFIG_DECAP_V4, CONFIG_DECAP_V6, Config, DECAP_ALLOW_CAPACITY,
     DECISION_LOCAL, DECISION_STEERED, DEFAULT_FLOW_CAPACITY, DEFAULT_GUARD_CAPACITY, ENCAP_GUE,
     FlowBudget, FlowKey, FlowValue, GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES,
-    Meta, PEER_ACTIVE, PEER_NONE, PEER_TRIES, PeerConf, PeerStats, SERVICE_KEYS_CAPACITY,
+    Meta, NextHop, PEER_ACTIVE, PEER_NONE, PEER_TRIES, PeerConf, PeerStats, SERVICE_KEYS_CAPACITY,
     SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey, ServiceStats, family, flow_hash,
     gue_source_port, maglev_slot, peer_bucket, proto, service_bucket,
 };
@@ -98,23 +98,6 @@ static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::with_max_entries(MAX_PE
 static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static FLOW_BUDGET: PerCpuArray<FlowBudget> = PerCpuArray::with_max_entries(1, 0);
-/// Per-CPU next-hop cache per peer slot (see `next_hop`). Never pinned.
-#[map]
-static NEXT_HOP: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_PEERS, 0);
-
-/// A cached FIB result.
-#[repr(C)]
-struct NextHop {
-    stamp: u64,
-    generation: u32,
-    ifindex: u32,
-    /// MACs as 16-bit words, copied with word stores (6-byte array copies become calls
-    /// to `memmove` on BPF).
-    dmac: [u16; 3],
-    smac: [u16; 3],
-    valid: u32,
-}
-
 /// Jiffies a cached next hop stays valid (25-100 ms at HZ 1000-250).
 const NEXT_HOP_JIFFIES: u64 = 25;
 
@@ -504,10 +487,12 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
 
     let mut flow = FlowValue {
         decision: DECISION_LOCAL,
-        _pad0: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
         service: svc,
         peer: PEER_NONE,
         peer_generation: 0,
+        hash: 0,
     };
     if take_token(
         service_bucket(svc),
@@ -531,14 +516,15 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
     flow.decision = DECISION_STEERED;
     flow.peer = peer;
     flow.peer_generation = peer_conf.generation;
+    flow.hash = hash;
 
-    match steer(ctx, pkt, peer, peer_conf, hash) {
+    match steer(ctx, pkt, peer | STEER_NEW_CONNECTION, peer_conf, hash) {
         Steered::Sent(action) => {
             clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
             // SAFETY: per-CPU values.
             unsafe { (*stats).syn_steered += 1 };
             let _ = FLOWS.insert(&key, &flow, 0);
-            count_steered(stats, peer, bytes, true);
+            count_steered(stats, bytes);
             Ok(action)
         }
         Steered::NotSent => {
@@ -547,6 +533,7 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
             unsafe { (*stats).kept_local += 1 };
             flow.decision = DECISION_LOCAL;
             flow.peer = PEER_NONE;
+            flow.hash = 0;
             let _ = FLOWS.insert(&key, &flow, 0);
             Ok(local(stats, bytes))
         }
@@ -563,22 +550,13 @@ fn local(stats: *mut ServiceStats, bytes: u64) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Service side of a steered packet's accounting (`steer_call` counts the peer side).
 #[inline(always)]
-fn count_steered(stats: *mut ServiceStats, peer: u32, bytes: u64, new_connection: bool) {
+fn count_steered(stats: *mut ServiceStats, bytes: u64) {
     // SAFETY: per-CPU values.
     unsafe {
         (*stats).pkts_steered += 1;
         (*stats).bytes_steered += bytes;
-    }
-    if let Some(p) = PEER_STATS.get_ptr_mut(peer) {
-        // SAFETY: per-CPU value.
-        unsafe {
-            (*p).packets += 1;
-            (*p).bytes += bytes;
-            if new_connection {
-                (*p).connections += 1;
-            }
-        }
     }
 }
 
@@ -613,12 +591,12 @@ fn follow(
             return Ok(local(stats, bytes));
         }
     };
-    match steer(ctx, pkt, flow.peer, peer_conf, flow_hash(key)) {
+    match steer(ctx, pkt, flow.peer, peer_conf, flow.hash) {
         Steered::Sent(action) => {
             if is_syn {
                 clamp_mss(ctx, pkt, peer_conf, tcp_hdr_len);
             }
-            count_steered(stats, flow.peer, bytes, false);
+            count_steered(stats, bytes);
             Ok(action)
         }
         // The peer holds this connection: handing the packet to our stack would only earn
@@ -782,6 +760,9 @@ fn outer_len(peer: &PeerConf) -> usize {
 ///
 /// Not inlined: its stack frame (FIB parameters, header images) is separate from the
 /// parser's, which keeps every frame under the 512-byte BPF stack limit.
+///
+/// `slot` may carry `STEER_NEW_CONNECTION` (a SYN steered for the first time): a sent packet
+/// is counted in the peer's `PEER_STATS` entry, which also holds the next-hop cache.
 #[inline(always)]
 fn steer(ctx: &XdpContext, pkt: &Packet, slot: u32, peer: &PeerConf, hash: u32) -> Steered {
     match steer_call(ctx.ctx, pkt, slot, peer, hash) {
@@ -791,6 +772,9 @@ fn steer(ctx: &XdpContext, pkt: &Packet, slot: u32, peer: &PeerConf, hash: u32) 
 }
 
 const NOT_SENT: u32 = u32::MAX;
+/// Flag in `steer`'s `slot` argument (peer slots are below `MAX_PEERS`): count a new
+/// connection. A flag rather than an argument: BPF functions take at most five.
+const STEER_NEW_CONNECTION: u32 = 1 << 31;
 
 #[inline(never)]
 fn steer_call(raw: *mut xdp_md, pkt: &Packet, slot: u32, peer: &PeerConf, hash: u32) -> u32 {
@@ -805,9 +789,21 @@ fn steer_call(raw: *mut xdp_md, pkt: &Packet, slot: u32, peer: &PeerConf, hash: 
         count_global(|g| g.fib_failed += 1);
         return NOT_SENT;
     }
-    let Some(nh) = next_hop(ctx, slot, peer) else {
+    let Some(ps) = PEER_STATS.get_ptr_mut(slot & !STEER_NEW_CONNECTION) else {
         return NOT_SENT;
     };
+    // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+    let ps = unsafe { &mut *ps };
+    let Some(nh) = next_hop(ctx, &mut ps.next_hop, peer) else {
+        return NOT_SENT;
+    };
+    // Counted as sent from here on, like the service side in the caller (an encapsulation
+    // failure below drops the packet but still counts it).
+    ps.packets += 1;
+    ps.bytes += pkt.ip_len as u64;
+    if slot & STEER_NEW_CONNECTION != 0 {
+        ps.connections += 1;
+    }
     if encapsulate(ctx, pkt, peer, hash, nh, outer).is_err() {
         if let Some(g) = global_stats() {
             // SAFETY: per-CPU value.
@@ -830,12 +826,9 @@ fn steer_call(raw: *mut xdp_md, pkt: &Packet, slot: u32, peer: &PeerConf, hash: 
 /// is trusted for `NEXT_HOP_JIFFIES` jiffies and only for the peer generation it was made for,
 /// so route and neighbour changes are picked up within 25-100 ms (HZ 1000-250).
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, slot: u32, peer: &PeerConf) -> Option<&'static NextHop> {
-    let cached = NEXT_HOP.get_ptr_mut(slot)?;
+fn next_hop<'a>(ctx: &XdpContext, c: &'a mut NextHop, peer: &PeerConf) -> Option<&'a NextHop> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_jiffies64() };
-    // SAFETY: per-CPU value, only this CPU touches it during this run.
-    let c = unsafe { &mut *cached };
     if c.valid != 0 && c.generation == peer.generation && now - c.stamp < NEXT_HOP_JIFFIES {
         return Some(c);
     }
