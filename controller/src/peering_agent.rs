@@ -17,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status, transport::Channel};
 
@@ -25,7 +24,7 @@ use crate::{
     identity::NodeIdentity,
     model::{Fingerprint, Role, UnixMs, now_ms},
     negotiation::{self, BoxFuture},
-    policy::Policy,
+    policy::{Policy, new_id, reject},
     proto::{self, pb},
     registry::{Candidate, Registry},
     store::{
@@ -65,16 +64,6 @@ impl ArrangementHooks for LogHooks {
     }
 }
 
-/// A fresh random identifier with a prefix: `off-…`, `arr-…`, `req-…`.
-pub fn new_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 12];
-    if SystemRandom::new().fill(&mut bytes).is_err() {
-        // The OS random source failed; the time still makes the id unique on this node.
-        bytes[..8].copy_from_slice(&now_ms().to_be_bytes());
-    }
-    format!("{prefix}-{}", hex::encode(bytes))
-}
-
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::IllegalTransition { .. } | StoreError::UnexpectedState { .. } => {
@@ -85,13 +74,6 @@ fn store_status(e: StoreError) -> Status {
             tracing::error!(error = %other, "store failure");
             Status::internal("the provider's store failed; try again")
         }
-    }
-}
-
-fn reject(reason: pb::RejectReason, detail: impl Into<String>) -> pb::Reject {
-    pb::Reject {
-        reason: reason as i32,
-        detail: detail.into(),
     }
 }
 
@@ -336,7 +318,7 @@ impl pb::peering_server::Peering for Agent {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return answer(pb::offer_reply::Result::Reject(reject(
                 pb::RejectReason::ShuttingDown,
-                "shutting down",
+                "shutting down".to_owned(),
             )));
         }
         let now = now_ms();
@@ -434,8 +416,7 @@ impl pb::peering_server::Peering for Agent {
             }
             Some(Decision::Counter(counter)) => {
                 match self.inner.policy.answer_counter(&terms, &counter) {
-                    Ok(mut revised) => {
-                        revised.offer_id = new_id("off");
+                    Ok(revised) => {
                         self.inner
                             .store
                             .transition(
