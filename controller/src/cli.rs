@@ -239,6 +239,7 @@ fn run(config_path: &Path) -> u8 {
     };
     match runtime.block_on(crate::daemon::run(config)) {
         Ok(()) => exit::OK,
+        Err(e) if e.is_config() => fail(exit::DATAERR, e),
         Err(e) => fail(exit::FAILURE, e),
     }
 }

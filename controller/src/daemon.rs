@@ -1,16 +1,1126 @@
-//! (being written)
+//! The daemon: wires identity, store, policy, registry, discovery, the peering agent, the
+//! negotiator and the admin API together, runs the background work (heartbeats, expiry,
+//! silence detection, advert refresh) and recovers after a restart.
 //!
-//! Placeholder signature added by H4 so `p2pcdn run` compiles; the lead replaces this file.
+//! [`start`] runs a node inside the current tokio runtime and returns a [`Node`] (tests and
+//! the benchmark run many in one process); [`run`] is `p2pcdn run`: start, wait for SIGINT or
+//! SIGTERM, shut down.
+//!
+//! Recovery at start (the store is checked with [`Store::verify`] first and a node refuses to
+//! start on an inconsistent store):
+//! - negotiations still `running` were interrupted: they become `abandoned`;
+//! - primary arrangements that never became active (requested, offered, accepted) are
+//!   cancelled here and the provider is told (decline or disband), best effort; the provider
+//!   also lets unanswered offers and unactivated acceptances lapse on its own;
+//! - arrangements that were disbanding finish disbanding (the peer is told again);
+//! - active arrangements past their end are disbanded; the others are re-confirmed: a primary
+//!   sends a heartbeat at once and ends the arrangement if the provider no longer has it, a
+//!   provider waits for the primary's heartbeats and ends it after a silence.
 
-/// Why the daemon stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("the daemon is not implemented yet")]
-    NotImplemented,
+pub mod testbed;
+
+mod backend;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+    task::JoinSet,
+};
+use tonic::Code;
+
+use crate::{
+    admin,
+    config::Config,
+    discovery::{self, Discovery},
+    identity::{IdentityError, NodeIdentity},
+    model::{Fingerprint, Role, UnixMs, now_ms},
+    negotiation::{LocalEndpoints, Negotiator},
+    peering_agent::{Agent, ArrangementHooks, GrpcPeers, LogHooks},
+    policy::{Policy, settle},
+    proto::pb,
+    registry::Registry,
+    store::{
+        ArrangementChanges, ArrangementFilter, ArrangementRecord, NegotiationState, Store,
+        StoreError, UsageEntry, UsageKind, UsageSource, is_terminal,
+    },
+    tls::{self, CaBundle, PeerAdmission},
+    transport,
+};
+
+type State = pb::ArrangementState;
+
+/// How long a provider keeps an arrangement after its end time, waiting for the primary's
+/// disband (which carries the primary's final count), before disbanding it on its own.
+const EXPIRY_GRACE: Duration = Duration::from_secs(10);
+/// An accepted offer the primary never activates lapses after this long.
+const ACTIVATION_WINDOW: Duration = Duration::from_secs(60);
+/// How long shutdown waits for the listeners to finish.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(6);
+
+/// What [`start`] takes besides the config.
+#[derive(Clone)]
+pub struct Options {
+    /// What activating and ending an arrangement does outside the store (the data plane).
+    pub hooks: Arc<dyn ArrangementHooks>,
+    /// How often a primary sends each active arrangement's provider a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats missed in a row before a primary disbands (peer unreachable); a provider
+    /// that hears none for twice as long disbands too.
+    pub heartbeat_misses: u32,
+    /// Connect timeout towards peers.
+    pub rpc_timeout: Duration,
 }
 
-/// Runs the daemon until SIGINT/SIGTERM.
-pub async fn run(config: crate::config::Config) -> Result<(), DaemonError> {
-    let _ = config;
-    Err(DaemonError::NotImplemented)
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            hooks: Arc::new(LogHooks),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_misses: 3,
+            rpc_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_misses", &self.heartbeat_misses)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A file the config names is unusable (key, certificate, CA bundle): a bad config.
+    #[error("{0}")]
+    Config(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the store at {path} is inconsistent ({reason}); restore it from a backup")]
+    Inconsistent { path: String, reason: String },
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("registry: {0}")]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("discovery: {0}")]
+    Discovery(#[from] discovery::DiscoveryError),
+    #[error("admin api: {0}")]
+    Admin(#[from] admin::AdminError),
+}
+
+impl DaemonError {
+    /// The error is the configuration's fault (`p2pcdn run` exits 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}
+
+/// `p2pcdn run`: start, serve until SIGINT or SIGTERM, then shut down (arrangements stay as
+/// they are: a restart re-confirms them).
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let node = start(config, Options::default()).await?;
+    tracing::info!(fingerprint = %node.fingerprint(), control = %node.control_addr(),
+        gossip = %node.gossip_addr(), admin = %node.admin_addr(), "p2pcdn running");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// A running node. Call [`Node::shutdown`] to stop it.
+pub struct Node {
+    core: Arc<Core>,
+    backend: Arc<dyn admin::AdminBackend>,
+    discovery: Option<Discovery>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("fingerprint", &self.core.identity.fingerprint)
+            .field("control", &self.core.control_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.core.identity.fingerprint
+    }
+
+    /// The bound gRPC (mutual TLS) address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.core.control_addr
+    }
+
+    /// The bound gossip address (a seed for other nodes).
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.core.gossip_addr
+    }
+
+    /// The bound admin API (HTTPS) address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.core.admin_addr
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.core.registry
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.core.store
+    }
+
+    /// What the admin API serves (the operator commands, callable in process).
+    pub fn backend(&self) -> Arc<dyn admin::AdminBackend> {
+        self.backend.clone()
+    }
+
+    /// Stops taking offers, leaves the gossip, closes the listeners and stops the background
+    /// tasks. The store stays as it is (consistent after every transaction).
+    pub async fn shutdown(mut self) {
+        self.core.agent.shut_down();
+        self.core.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(true);
+        if let Some(discovery) = self.discovery.take() {
+            discovery.shutdown().await;
+        }
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_WAIT, drain).await.is_err() {
+            tracing::warn!("background tasks did not stop in time; aborting them");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// What every task and the admin backend share.
+pub(crate) struct Core {
+    config: Config,
+    options: Options,
+    identity: Arc<NodeIdentity>,
+    store: Store,
+    policy: Policy,
+    registry: Registry,
+    agent: Agent,
+    peers: GrpcPeers,
+    negotiator: Negotiator,
+    control_addr: SocketAddr,
+    gossip_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    started_ms: UnixMs,
+    /// Heartbeats missed in a row, per primary arrangement.
+    misses: Mutex<HashMap<String, u32>>,
+    /// Primary arrangements recovered at start, not yet re-confirmed by their provider.
+    unconfirmed: Mutex<std::collections::HashSet<String>>,
+    running_negotiations: AtomicU64,
+    /// Asks for a fresh advertisement (spare capacity changed).
+    refresh: Arc<Notify>,
+    stopping: AtomicBool,
+}
+
+/// The configured hooks, plus a fresh advertisement whenever capacity changes hands.
+struct RefreshingHooks {
+    inner: Arc<dyn ArrangementHooks>,
+    refresh: Arc<Notify>,
+}
+
+impl ArrangementHooks for RefreshingHooks {
+    fn activated(&self, arrangement: &ArrangementRecord) -> Result<(), String> {
+        let result = self.inner.activated(arrangement);
+        self.refresh.notify_one();
+        result
+    }
+
+    fn ended(&self, arrangement: &ArrangementRecord) {
+        self.inner.ended(arrangement);
+        self.refresh.notify_one();
+    }
+}
+
+fn config_error(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Config(format!("{what} {}: {e}", path.display()))
+}
+
+/// Starts a node in the current runtime (see the module documentation).
+pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError> {
+    let identity = Arc::new(
+        NodeIdentity::load(&config.tls.key, &config.tls.cert).map_err(|e| match e {
+            IdentityError::Io { .. } => config_error("tls.key/tls.cert", &config.tls.key, e),
+            other => config_error("tls.key/tls.cert", &config.tls.cert, other),
+        })?,
+    );
+    let ca = match &config.tls.ca_bundle {
+        Some(path) => Some(Arc::new(
+            CaBundle::load(path).map_err(|e| config_error("tls.ca_bundle", path, e))?,
+        )),
+        None => None,
+    };
+    let me = identity.fingerprint;
+
+    let store_path = config.store_path();
+    if let Some(dir) = store_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| config_error("node.data_dir", dir, e))?;
+    }
+    let store = Store::open(&store_path)?;
+    match store.verify() {
+        Ok(report) => tracing::info!(path = %store_path.display(),
+            arrangements = report.arrangements, events = report.events,
+            ledger = report.ledger_entries, "store verified"),
+        Err(StoreError::Inconsistent(reason)) => {
+            return Err(DaemonError::Inconsistent {
+                path: store_path.display().to_string(),
+                reason,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+
+    let policy = Policy::from_config(me, &config, Some(store.clone()))?;
+    let admission: Arc<dyn PeerAdmission> = Arc::new(policy.clone());
+    let started_ms = now_ms();
+    let registry = Registry::with_store(me, store.clone(), started_ms)?;
+
+    let listener = TcpListener::bind(config.node.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.node.listen,
+            source,
+        })?;
+    let control_addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: config.node.listen,
+            source,
+        })?;
+    let control_endpoint = match &config.node.advertise_control {
+        Some(endpoint) => endpoint.clone(),
+        None => control_addr.to_string(),
+    };
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: config.admin.listen,
+            source,
+        })?;
+
+    let refresh = Arc::new(Notify::new());
+    let hooks: Arc<dyn ArrangementHooks> = Arc::new(RefreshingHooks {
+        inner: options.hooks.clone(),
+        refresh: refresh.clone(),
+    });
+    let agent = Agent::new(
+        identity.clone(),
+        store.clone(),
+        Arc::new(policy.clone()),
+        registry.clone(),
+        config.resources.capacity(),
+        hooks,
+    );
+    let peers = GrpcPeers::new(
+        identity.clone(),
+        ca.clone(),
+        admission.clone(),
+        options.rpc_timeout,
+    );
+    let endpoints = own_endpoints(&config, &control_endpoint);
+    let negotiator = Negotiator::new(
+        policy.clone(),
+        store.clone(),
+        Arc::new(peers.clone()),
+        LocalEndpoints {
+            tunnel_sources: tunnel_sources(&config),
+            endpoints: endpoints.clone(),
+        },
+    );
+
+    let server_tls = tls::server_config(&identity, ca.as_deref(), admission)?;
+    let admin_tls = admin::tls_config(identity.cert_der.clone(), identity.private_key_der())?;
+    let auth = admin::AdminAuth::from_config(&config.admin)?;
+
+    let advert_source = {
+        let agent = agent.clone();
+        let share = u64::from(policy.settings().offer_share_percent.min(100));
+        let template = pb::Advertisement {
+            name: config.node.name.clone(),
+            organisation: config.node.organisation.clone(),
+            endpoints: Some(endpoints),
+            footprint: Some(pb::Footprint {
+                regions: config.node.regions.clone(),
+                client_prefixes: config.node.client_prefixes.clone(),
+                asns: Vec::new(),
+            }),
+            modes: policy.settings().modes.iter().map(|m| *m as i32).collect(),
+            ..pb::Advertisement::default()
+        };
+        move || {
+            let now = now_ms();
+            let spare = agent.spare(now).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot compute spare capacity; advertising none");
+                pb::Capacity::default()
+            });
+            pb::Advertisement {
+                spare: Some(share_of(&spare, share)),
+                measured_at_ms: now,
+                ..template.clone()
+            }
+        }
+    };
+    let discovery = discovery::start(
+        (&config.discovery).into(),
+        identity.clone(),
+        registry.clone(),
+        advert_source,
+    )
+    .await?;
+    let gossip_addr = discovery.gossip_addr();
+
+    let core = Arc::new(Core {
+        config,
+        options,
+        identity,
+        store,
+        policy,
+        registry,
+        agent,
+        peers,
+        negotiator,
+        control_addr,
+        gossip_addr,
+        admin_addr,
+        started_ms,
+        misses: Mutex::new(HashMap::new()),
+        unconfirmed: Mutex::new(std::collections::HashSet::new()),
+        running_negotiations: AtomicU64::new(0),
+        refresh,
+        stopping: AtomicBool::new(false),
+    });
+    let recovered = core.recover()?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = JoinSet::new();
+    {
+        let agent = core.agent.clone();
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            if let Err(e) = transport::serve(listener, server_tls, agent, stop).await {
+                tracing::error!(error = %e, "peering server stopped");
+            }
+        });
+    }
+    let backend: Arc<dyn admin::AdminBackend> = Arc::new(backend::Backend::new(core.clone()));
+    {
+        let app = admin::router(backend.clone(), auth, admin::install_metrics());
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            if let Err(e) = admin::serve(admin_listener, admin_tls, app, stop).await {
+                tracing::error!(error = %e, "admin api stopped");
+            }
+        });
+    }
+    {
+        let core = core.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move { core.maintain(recovered, rx).await });
+    }
+    {
+        let refresh = core.refresh.clone();
+        let trigger = discovery.refresher();
+        let mut rx = stop_rx;
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = refresh.notified() => trigger.refresh_now(),
+                    _ = rx.wait_for(|s| *s) => break,
+                }
+                // At most one fresh advert per 200 ms, however many arrangements change.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    tracing::info!(fingerprint = %core.identity.fingerprint, control = %control_addr,
+        advertised = %control_endpoint, gossip = %gossip_addr, admin = %admin_addr,
+        "node started");
+    Ok(Node {
+        core,
+        backend,
+        discovery: Some(discovery),
+        stop,
+        tasks,
+    })
+}
+
+/// `share` percent of `capacity`.
+fn share_of(capacity: &pb::Capacity, share: u64) -> pb::Capacity {
+    let part = |v: u64| v.saturating_mul(share) / 100;
+    pb::Capacity {
+        new_connections_per_s: u32::try_from(part(u64::from(capacity.new_connections_per_s)))
+            .unwrap_or(u32::MAX),
+        egress_mbps: u32::try_from(part(u64::from(capacity.egress_mbps))).unwrap_or(u32::MAX),
+        storage_bytes: part(capacity.storage_bytes),
+    }
+}
+
+/// This node's endpoints as it advertises them (discovery adds the gossip endpoint).
+fn own_endpoints(config: &Config, control: &str) -> pb::Endpoints {
+    let r = &config.resources;
+    pb::Endpoints {
+        control: control.to_owned(),
+        decap_v4: r.decap_v4.map(|a| a.to_string()).unwrap_or_default(),
+        decap_v6: r.decap_v6.map(|a| a.to_string()).unwrap_or_default(),
+        surrogate_url: r.surrogate_url.clone().unwrap_or_default(),
+        gossip: String::new(),
+    }
+}
+
+/// The outer source addresses this node tunnels from as a primary: its own addresses (the
+/// ones it takes tunnelled traffic on as a provider).
+fn tunnel_sources(config: &Config) -> Vec<String> {
+    let r = &config.resources;
+    r.decap_v4
+        .map(|a| a.to_string())
+        .into_iter()
+        .chain(r.decap_v6.map(|a| a.to_string()))
+        .collect()
+}
+
+/// Active arrangements found at start, to re-install in the data plane.
+pub(crate) struct Recovered {
+    active: Vec<ArrangementRecord>,
+    /// Half-done primary arrangements cancelled at start: tell their providers.
+    cancelled: Vec<ArrangementRecord>,
+    /// Arrangements that were disbanding: finish.
+    disbanding: Vec<ArrangementRecord>,
+}
+
+/// Why an arrangement is being disbanded, as recorded and as sent.
+#[derive(Debug, Clone)]
+pub(crate) struct DisbandCause {
+    pub reason: pb::DisbandReason,
+    pub detail: String,
+}
+
+impl DisbandCause {
+    pub(crate) fn new(reason: pb::DisbandReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Why a disband was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DisbandError {
+    #[error("no arrangement {0:?}")]
+    Unknown(String),
+    #[error("arrangement {id} is already {state}")]
+    Ended { id: String, state: &'static str },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+fn state_name(state: State) -> &'static str {
+    crate::admin::StateView::from_pb(state).map_or("unspecified", |s| s.as_str())
+}
+
+impl Core {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn hooks(&self) -> RefreshingHooks {
+        RefreshingHooks {
+            inner: self.options.hooks.clone(),
+            refresh: self.refresh.clone(),
+        }
+    }
+
+    /// The store part of recovery (see the module documentation); the network part runs in
+    /// [`Core::maintain`].
+    fn recover(&self) -> Result<Recovered, DaemonError> {
+        let now = now_ms();
+        for n in self.store.unfinished_negotiations()? {
+            let covered = self
+                .store
+                .arrangements(&ArrangementFilter {
+                    role: Some(Role::Primary),
+                    states: vec![State::Active],
+                    request_id: Some(n.request_id.clone()),
+                    ..ArrangementFilter::default()
+                })?
+                .iter()
+                .map(granted_conn)
+                .sum();
+            self.store.finish_negotiation(
+                &n.request_id,
+                NegotiationState::Abandoned,
+                covered,
+                "interrupted by a restart",
+                now,
+            )?;
+            tracing::warn!(request = %n.request_id, "negotiation interrupted by a restart: abandoned");
+        }
+        let mut recovered = Recovered {
+            active: Vec::new(),
+            cancelled: Vec::new(),
+            disbanding: Vec::new(),
+        };
+        let open = self.store.arrangements(&ArrangementFilter {
+            states: vec![
+                State::Requested,
+                State::Offered,
+                State::Accepted,
+                State::Active,
+                State::Disbanding,
+            ],
+            limit: Some(usize::MAX),
+            ..ArrangementFilter::default()
+        })?;
+        for a in open {
+            match (a.role, a.state) {
+                (Role::Primary, State::Requested | State::Offered | State::Accepted) => {
+                    let detail = "abandoned: the negotiation was interrupted by a restart";
+                    let ended = self.store.transition(
+                        &a.id,
+                        &[State::Requested, State::Offered, State::Accepted],
+                        State::Cancelled,
+                        now,
+                        detail,
+                        ArrangementChanges {
+                            end_reason: Some(detail.to_owned()),
+                            ..ArrangementChanges::default()
+                        },
+                    )?;
+                    recovered.cancelled.push(ended);
+                }
+                (_, State::Active) => {
+                    if a.role == Role::Primary {
+                        Self::lock(&self.unconfirmed).insert(a.id.clone());
+                    }
+                    recovered.active.push(a);
+                }
+                (_, State::Disbanding) => recovered.disbanding.push(a),
+                // Provider offers and acceptances lapse on their own (maintenance).
+                _ => {}
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// Background work until `stop`: finishing recovery, then every heartbeat interval
+    /// heartbeats (primary), expiry and silence (both sides), lapsed offers (provider).
+    async fn maintain(self: Arc<Self>, recovered: Recovered, mut stop: watch::Receiver<bool>) {
+        for a in &recovered.active {
+            if a.expires_ms.is_some_and(|e| e > now_ms()) {
+                // Re-install what the data plane had (the primary's peers, the provider's
+                // decap allow-list); a primary ends it if the provider denies it below.
+                if let Err(e) = self.hooks().activated(a) {
+                    tracing::error!(arrangement = %a.id, error = %e,
+                        "cannot re-install a recovered arrangement");
+                }
+            }
+        }
+        for a in recovered.cancelled {
+            self.tell_cancelled(&a).await;
+        }
+        for a in recovered.disbanding {
+            let cause = DisbandCause::new(
+                pb::DisbandReason::Shutdown,
+                "finishing a disband interrupted by a restart",
+            );
+            if let Err(e) = self.finish_disband(a, &cause).await {
+                tracing::warn!(error = %e, "cannot finish an interrupted disband");
+            }
+        }
+        let mut ticker = tokio::time::interval(self.options.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.tick().await {
+                tracing::warn!(error = %e, "maintenance round failed");
+            }
+        }
+    }
+
+    /// One maintenance round.
+    async fn tick(self: &Arc<Self>) -> Result<(), StoreError> {
+        let now = now_ms();
+        let open = self.store.arrangements(&ArrangementFilter {
+            states: vec![State::Offered, State::Accepted, State::Active],
+            limit: Some(usize::MAX),
+            ..ArrangementFilter::default()
+        })?;
+        let mut heartbeats = JoinSet::new();
+        for a in open {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            match (a.role, a.state) {
+                (Role::Primary, State::Active) => {
+                    if a.expires_ms.is_some_and(|e| e <= now) {
+                        let cause = DisbandCause::new(
+                            pb::DisbandReason::Expired,
+                            "the arrangement reached its end time",
+                        );
+                        self.disband_logged(&a.id, cause).await;
+                    } else {
+                        let core = self.clone();
+                        heartbeats.spawn(async move { core.heartbeat(a).await });
+                    }
+                }
+                (Role::Provider, State::Active) => self.watch_provider(&a, now).await,
+                (Role::Provider, State::Offered)
+                    if a.terms.as_ref().is_none_or(|t| t.expires_at_ms <= now) =>
+                {
+                    self.lapse(&a, &[State::Offered], "the offer expired without an answer")?;
+                }
+                (Role::Provider, State::Accepted)
+                    if now.saturating_sub(a.updated_ms) > millis(ACTIVATION_WINDOW) =>
+                {
+                    self.lapse(&a, &[State::Accepted], "accepted but never activated")?;
+                }
+                _ => {}
+            }
+        }
+        while heartbeats.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// The peer's control endpoint: what it gave us for this arrangement, else its advert.
+    fn control_of(&self, a: &ArrangementRecord) -> Option<String> {
+        a.peer_endpoints
+            .as_ref()
+            .map(|e| e.control.clone())
+            .filter(|c| !c.is_empty())
+            .or_else(|| {
+                self.registry
+                    .get(&a.peer)
+                    .and_then(|l| l.advert.endpoints)
+                    .map(|e| e.control)
+                    .filter(|c| !c.is_empty())
+            })
+    }
+
+    /// The other side's id of arrangement `a` (the provider's id on a primary; a provider
+    /// sends its own id, which the primary keeps as its reference).
+    fn remote_id(a: &ArrangementRecord) -> String {
+        match a.role {
+            Role::Primary => a.peer_ref.clone().unwrap_or_else(|| a.id.clone()),
+            Role::Provider => a.id.clone(),
+        }
+    }
+
+    /// Our count of an arrangement's usage so far.
+    fn local_usage(&self, id: &str) -> pb::Usage {
+        let (local, _) = self.store.usage_totals(id).unwrap_or_default();
+        pb::Usage {
+            connections: local.connections,
+            bytes: local.bytes,
+            packets: local.packets,
+            measured_at_ms: now_ms(),
+        }
+    }
+
+    /// A primary's heartbeat to the provider of active arrangement `a`.
+    async fn heartbeat(self: Arc<Self>, a: ArrangementRecord) {
+        let Some(control) = self.control_of(&a) else {
+            self.missed(&a, "no control endpoint known").await;
+            return;
+        };
+        let request = pb::HeartbeatRequest {
+            arrangement_id: Self::remote_id(&a),
+            usage: Some(self.local_usage(&a.id)),
+            sent_at_ms: now_ms(),
+        };
+        let call = self.peers.heartbeat(a.peer, &control, request);
+        let timeout = self.negotiator.timeout().max(Duration::from_millis(500));
+        let reply = match tokio::time::timeout(timeout, call).await {
+            Ok(reply) => reply,
+            Err(_) => Err(tonic::Status::deadline_exceeded("no answer in time")),
+        };
+        match reply {
+            Ok(reply) => {
+                Self::lock(&self.misses).remove(&a.id);
+                let state = State::try_from(reply.state).unwrap_or(State::Unspecified);
+                if state != State::Active {
+                    let detail =
+                        format!("the provider reports the arrangement {}", state_name(state));
+                    self.end_locally(&a, &detail, None);
+                    return;
+                }
+                if Self::lock(&self.unconfirmed).remove(&a.id) {
+                    tracing::info!(arrangement = %a.id, peer = %a.peer.short(),
+                        "recovered arrangement re-confirmed by the provider");
+                }
+                if let Some(usage) = reply.usage {
+                    self.record_peer_usage(&a.id, &usage, UsageKind::Heartbeat);
+                }
+            }
+            Err(status) if matches!(status.code(), Code::NotFound | Code::FailedPrecondition) => {
+                let detail = format!("the provider no longer has it: {}", status.message());
+                self.end_locally(&a, &detail, None);
+            }
+            Err(status) => {
+                let why = format!("{:?}: {}", status.code(), status.message());
+                self.missed(&a, &why).await;
+            }
+        }
+    }
+
+    /// Counts a missed heartbeat; disbands after `heartbeat_misses` in a row.
+    async fn missed(&self, a: &ArrangementRecord, why: &str) {
+        let misses = {
+            let mut map = Self::lock(&self.misses);
+            let n = map.entry(a.id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        tracing::warn!(arrangement = %a.id, peer = %a.peer.short(), misses, why, "heartbeat missed");
+        if misses >= self.options.heartbeat_misses.max(1) {
+            Self::lock(&self.misses).remove(&a.id);
+            let cause = DisbandCause::new(
+                pb::DisbandReason::PeerUnreachable,
+                format!("{misses} heartbeats missed ({why})"),
+            );
+            self.disband_logged(&a.id, cause).await;
+        }
+    }
+
+    /// Records what the peer counted, when it differs from its last count.
+    fn record_peer_usage(&self, id: &str, usage: &pb::Usage, kind: UsageKind) {
+        let (_, last) = self.store.usage_totals(id).unwrap_or_default();
+        if kind == UsageKind::Heartbeat
+            && last.at_ms != 0
+            && (last.connections, last.bytes, last.packets)
+                == (usage.connections, usage.bytes, usage.packets)
+        {
+            return;
+        }
+        if let Err(e) = self.store.record_usage(&UsageEntry {
+            arrangement: id.to_owned(),
+            at_ms: now_ms(),
+            source: UsageSource::Peer,
+            kind,
+            connections: usage.connections,
+            bytes: usage.bytes,
+            packets: usage.packets,
+        }) {
+            tracing::warn!(arrangement = %id, error = %e, "cannot record the peer's usage");
+        }
+    }
+
+    /// Provider side: ends an active arrangement after its end time (plus a grace for the
+    /// primary's own disband) or after the primary's heartbeats stop.
+    async fn watch_provider(&self, a: &ArrangementRecord, now: UnixMs) {
+        if a.expires_ms
+            .is_some_and(|e| e.saturating_add(millis(EXPIRY_GRACE)) <= now)
+        {
+            let cause = DisbandCause::new(
+                pb::DisbandReason::Expired,
+                "the arrangement reached its end time",
+            );
+            self.disband_logged(&a.id, cause).await;
+            return;
+        }
+        let heard = self
+            .store
+            .usage_totals(&a.id)
+            .map(|(_, peer)| peer.at_ms)
+            .unwrap_or(0);
+        let since = heard
+            .max(a.activated_ms.unwrap_or(a.updated_ms))
+            .max(self.started_ms);
+        let silence = self
+            .options
+            .heartbeat_interval
+            .saturating_mul(self.options.heartbeat_misses.max(1).saturating_mul(2));
+        if now.saturating_sub(since) > millis(silence) {
+            let cause = DisbandCause::new(
+                pb::DisbandReason::PeerUnreachable,
+                format!("no heartbeat from the primary for {} s", silence.as_secs()),
+            );
+            self.disband_logged(&a.id, cause).await;
+        }
+    }
+
+    /// Provider side: an offer or acceptance that lapsed.
+    fn lapse(&self, a: &ArrangementRecord, from: &[State], detail: &str) -> Result<(), StoreError> {
+        match self.store.transition(
+            &a.id,
+            from,
+            State::Cancelled,
+            now_ms(),
+            detail,
+            ArrangementChanges {
+                end_reason: Some(detail.to_owned()),
+                ..ArrangementChanges::default()
+            },
+        ) {
+            Ok(ended) => {
+                self.hooks().ended(&ended);
+                Ok(())
+            }
+            // Answered in the meantime.
+            Err(StoreError::IllegalTransition { .. } | StoreError::UnexpectedState { .. }) => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ends an active (or disbanding) arrangement in the store without telling the peer
+    /// (the peer told us, or no longer knows it).
+    fn end_locally(&self, a: &ArrangementRecord, detail: &str, peer_final: Option<&pb::Usage>) {
+        if let Some(usage) = peer_final {
+            self.record_peer_usage(&a.id, usage, UsageKind::Final);
+        }
+        let ours = self.local_usage(&a.id);
+        let settlement = a.terms.as_ref().map(|t| settle(t, &ours, 0));
+        match self.store.transition(
+            &a.id,
+            &[State::Active, State::Disbanding],
+            State::Disbanded,
+            now_ms(),
+            detail,
+            ArrangementChanges {
+                end_reason: Some(detail.to_owned()),
+                settlement,
+                ..ArrangementChanges::default()
+            },
+        ) {
+            Ok(ended) => {
+                tracing::info!(arrangement = %a.id, peer = %a.peer.short(), detail, "arrangement ended");
+                if a.state == State::Active {
+                    self.hooks().ended(&ended);
+                }
+            }
+            Err(e) => tracing::debug!(arrangement = %a.id, error = %e, "already ended"),
+        }
+        Self::lock(&self.misses).remove(&a.id);
+        Self::lock(&self.unconfirmed).remove(&a.id);
+    }
+
+    async fn disband_logged(&self, id: &str, cause: DisbandCause) {
+        if let Err(e) = self.disband(id, cause).await {
+            tracing::debug!(arrangement = %id, error = %e, "disband not needed");
+        }
+    }
+
+    /// Disbands arrangement `id` with its peer: stop using it (Disbanding, hooks), tell the
+    /// peer with our final count and settlement, record theirs, end it (Disbanded). An
+    /// arrangement not yet active is cancelled and the peer told.
+    pub(crate) async fn disband(
+        &self,
+        id: &str,
+        cause: DisbandCause,
+    ) -> Result<ArrangementRecord, DisbandError> {
+        let a = self
+            .store
+            .arrangement(id)?
+            .ok_or_else(|| DisbandError::Unknown(id.to_owned()))?;
+        if is_terminal(a.state) {
+            return Err(DisbandError::Ended {
+                id: a.id,
+                state: state_name(a.state),
+            });
+        }
+        if matches!(a.state, State::Requested | State::Offered | State::Accepted) {
+            let detail = format!("cancelled: {}", cause.detail);
+            let ended = self.store.transition(
+                &a.id,
+                &[State::Requested, State::Offered, State::Accepted],
+                State::Cancelled,
+                now_ms(),
+                &detail,
+                ArrangementChanges {
+                    end_reason: Some(detail.clone()),
+                    ..ArrangementChanges::default()
+                },
+            )?;
+            self.tell_cancelled(&ended).await;
+            return Ok(ended);
+        }
+        let a = if a.state == State::Active {
+            let disbanding = self.store.transition(
+                &a.id,
+                &[State::Active],
+                State::Disbanding,
+                now_ms(),
+                &cause.detail,
+                ArrangementChanges::default(),
+            )?;
+            // From now on nothing new is steered to (or accepted from) the peer.
+            self.hooks().ended(&disbanding);
+            disbanding
+        } else {
+            a
+        };
+        self.finish_disband(a, &cause).await
+    }
+
+    /// Disbanding → Disbanded: tells the peer (bounded), then records the end either way.
+    async fn finish_disband(
+        &self,
+        a: ArrangementRecord,
+        cause: &DisbandCause,
+    ) -> Result<ArrangementRecord, DisbandError> {
+        let ours = self.local_usage(&a.id);
+        let settlement = a.terms.as_ref().map(|t| settle(t, &ours, 0));
+        let mut detail = format!("{}: {}", cause.reason.as_str_name(), cause.detail);
+        if let Some(control) = self.control_of(&a) {
+            let request = pb::DisbandRequest {
+                arrangement_id: Self::remote_id(&a),
+                reason: cause.reason as i32,
+                effective_at_ms: now_ms(),
+                final_usage: Some(ours),
+                settlement: settlement.clone(),
+            };
+            let call = self.peers.disband(a.peer, &control, request);
+            let timeout = self.negotiator.timeout().max(Duration::from_millis(500));
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(reply)) => {
+                    if let Some(usage) = reply.final_usage {
+                        self.record_peer_usage(&a.id, &usage, UsageKind::Final);
+                    }
+                    if let (Some(theirs), Some(mine)) = (&reply.settlement, &settlement)
+                        && theirs.total_micros != mine.total_micros
+                    {
+                        tracing::warn!(arrangement = %a.id, theirs = theirs.total_micros,
+                            ours = mine.total_micros, "settlements differ; both counts are in the ledger");
+                    }
+                }
+                Ok(Err(status)) => {
+                    detail.push_str(&format!(
+                        " (the peer answered {:?}: {})",
+                        status.code(),
+                        status.message()
+                    ));
+                }
+                Err(_) => detail.push_str(" (the peer did not answer; settled on our count)"),
+            }
+        } else {
+            detail.push_str(" (no control endpoint of the peer known; settled on our count)");
+        }
+        let ended = self.store.transition(
+            &a.id,
+            &[State::Disbanding],
+            State::Disbanded,
+            now_ms(),
+            &detail,
+            ArrangementChanges {
+                end_reason: Some(detail.clone()),
+                settlement,
+                ..ArrangementChanges::default()
+            },
+        )?;
+        Self::lock(&self.misses).remove(&a.id);
+        Self::lock(&self.unconfirmed).remove(&a.id);
+        tracing::info!(arrangement = %a.id, peer = %a.peer.short(), %detail, "arrangement disbanded");
+        Ok(ended)
+    }
+
+    /// Tells the provider of a cancelled primary arrangement (decline an open offer, disband
+    /// an accepted one). Best effort: the provider lets them lapse anyway.
+    async fn tell_cancelled(&self, a: &ArrangementRecord) {
+        if a.role != Role::Primary {
+            return;
+        }
+        let Some(control) = self.control_of(a) else {
+            return;
+        };
+        let timeout = self.negotiator.timeout().max(Duration::from_millis(500));
+        let reason = a.end_reason.clone().unwrap_or_default();
+        let told = match (a.peer_ref.as_ref(), a.offer_id.as_ref()) {
+            (Some(_), _) => {
+                let request = pb::DisbandRequest {
+                    arrangement_id: Self::remote_id(a),
+                    reason: pb::DisbandReason::Shutdown as i32,
+                    effective_at_ms: now_ms(),
+                    final_usage: None,
+                    settlement: None,
+                };
+                tokio::time::timeout(timeout, self.peers.disband(a.peer, &control, request))
+                    .await
+                    .map(|r| r.map(drop))
+            }
+            (None, Some(offer_id)) => {
+                let request = pb::OfferResponse {
+                    offer_id: offer_id.clone(),
+                    decision: Some(pb::offer_response::Decision::Decline(pb::Decline {
+                        reason: crate::policy::clip(reason),
+                    })),
+                };
+                tokio::time::timeout(timeout, self.peers.respond(a.peer, &control, request))
+                    .await
+                    .map(|r| r.map(drop))
+            }
+            (None, None) => return,
+        };
+        if !matches!(told, Ok(Ok(()))) {
+            tracing::debug!(arrangement = %a.id, "the provider was not told of the cancellation; it lapses there");
+        }
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// New connections/s an arrangement's terms grant.
+fn granted_conn(a: &ArrangementRecord) -> u64 {
+    a.terms
+        .as_ref()
+        .and_then(|t| t.granted)
+        .map_or(0, |g| u64::from(g.new_connections_per_s))
 }

@@ -333,6 +333,12 @@ impl Discovery {
         self.refresh.notify_one();
     }
 
+    /// A handle that asks for a fresh advert like [`Discovery::refresh_now`], for tasks that
+    /// do not own the `Discovery`.
+    pub fn refresher(&self) -> Refresher {
+        Refresher(self.refresh.clone())
+    }
+
     /// Stops the task and the gossip server (the UDP socket is closed when this returns).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -346,6 +352,17 @@ impl Discovery {
         {
             tracing::warn!(error = %format!("{error:#}"), "gossip server ended with an error");
         }
+    }
+}
+
+/// See [`Discovery::refresher`].
+#[derive(Debug, Clone)]
+pub struct Refresher(Arc<Notify>);
+
+impl Refresher {
+    /// Signs and publishes the advert now instead of at the next refresh.
+    pub fn refresh_now(&self) {
+        self.0.notify_one();
     }
 }
 

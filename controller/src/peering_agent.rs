@@ -133,6 +133,7 @@ impl Agent {
         let mut storage = total.storage_bytes;
         for a in self.inner.store.arrangements(&ArrangementFilter {
             role: Some(Role::Provider),
+            states: vec![State::Offered, State::Accepted, State::Active],
             ..ArrangementFilter::default()
         })? {
             let holds = match a.state {
@@ -165,13 +166,26 @@ impl Agent {
         transport::peer_of(request)
     }
 
-    /// The arrangement `id` if `caller` is its other side.
+    /// The arrangement `id` if `caller` is its other side: our id, or (when a provider
+    /// disbands an arrangement we are the primary of) the provider's id we keep as `peer_ref`.
     fn owned(&self, id: &str, caller: &PeerIdentity) -> Result<ArrangementRecord, Status> {
         match self.inner.store.arrangement(id).map_err(store_status)? {
-            Some(a) if a.peer == caller.fingerprint => Ok(a),
-            // Someone else's arrangement looks exactly like a missing one.
-            _ => Err(Status::not_found(format!("no arrangement {id:?} with you"))),
+            Some(a) if a.peer == caller.fingerprint => return Ok(a),
+            _ => {}
         }
+        let theirs = self
+            .inner
+            .store
+            .arrangements(&ArrangementFilter {
+                role: Some(Role::Primary),
+                peer: Some(caller.fingerprint),
+                ..ArrangementFilter::default()
+            })
+            .map_err(store_status)?
+            .into_iter()
+            .find(|a| a.peer_ref.as_deref() == Some(id));
+        // Someone else's arrangement looks exactly like a missing one.
+        theirs.ok_or_else(|| Status::not_found(format!("no arrangement {id:?} with you")))
     }
 
     fn by_offer(&self, offer_id: &str, caller: &PeerIdentity) -> Result<ArrangementRecord, Status> {
@@ -584,7 +598,7 @@ impl pb::peering_server::Peering for Agent {
                         &[State::Active, State::Disbanding],
                         State::Disbanded,
                         now,
-                        &format!("disbanded by the primary: {reason}"),
+                        &format!("disbanded by the peer: {reason}"),
                         ArrangementChanges {
                             end_reason: Some(reason.to_owned()),
                             settlement: settlement.clone(),
