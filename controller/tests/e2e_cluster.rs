@@ -11,7 +11,7 @@ mod wire;
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -338,16 +338,20 @@ impl BlackHole {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
-        let held = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(async move {
+            // Accepted sockets stay open (and silent) until the task is aborted.
+            let mut held = Vec::new();
             // Bounded: a negotiation dials a few times at most.
             for _ in 0..256 {
                 let Ok((socket, _)) = listener.accept().await else {
                     break;
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
-                held.lock().unwrap().push(socket);
+                held.push(socket);
             }
+            // Past the bound: keep what was accepted until the test ends.
+            std::future::pending::<()>().await;
+            drop(held);
         });
         Self {
             addr,
@@ -552,7 +556,8 @@ async fn a_certificate_outside_the_allow_list_is_refused_at_the_tls_layer() {
     };
     // A handler would answer with a reply (an offer or a reject) or a status of its own
     // (InvalidArgument, PermissionDenied, NotFound...), without a source; a refused handshake
-    // is a failure of the client's transport (the alert, or the closed connection).
+    // is a failure of the client's transport: the alert, or the connection the server closed
+    // (reset, broken pipe), depending on who reads or writes first.
     let transport = std::error::Error::source(&refused)
         .and_then(|s| s.downcast_ref::<tonic::transport::Error>());
     assert!(
@@ -562,13 +567,6 @@ async fn a_certificate_outside_the_allow_list_is_refused_at_the_tls_layer() {
                 Code::Unavailable | Code::Unknown | Code::Cancelled
             ),
         "a transport error, not the handler's answer: {refused:?}"
-    );
-    let text = format!("{refused:?}").to_lowercase();
-    assert!(
-        ["certificate", "alert", "connection"]
-            .iter()
-            .any(|needle| text.contains(needle)),
-        "{refused:?}"
     );
     assert!(gatekeeper.arrangements().is_empty());
 
@@ -754,7 +752,7 @@ async fn admin_api_over_https_checks_tokens_and_serves_peers_and_metrics() {
         "a node does not list itself: {peers:?}"
     );
 
-    // A viewer may not negotiate or disband; nothing happens.
+    // A viewer may not negotiate; nothing happens.
     let reply = https(
         addr,
         cert,
@@ -762,16 +760,6 @@ async fn admin_api_over_https_checks_tokens_and_serves_peers_and_metrics() {
         Method::POST,
         "/v1/negotiate",
         Some(negotiate.clone()),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
-    let reply = https(
-        addr,
-        cert,
-        viewer,
-        Method::POST,
-        "/v1/arrangements/a-1/disband",
-        Some(serde_json::json!({})),
     )
     .await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
@@ -804,15 +792,28 @@ async fn admin_api_over_https_checks_tokens_and_serves_peers_and_metrics() {
                 describe(&primary.arrangements())
             )
         });
+
+    // A viewer may not disband it; it stays active. The operator may.
+    let disband = format!("/v1/arrangements/{}/disband", active.id);
+    let body = serde_json::json!({"reason": "admin api test"});
     let reply = https(
         addr,
         cert,
-        operator,
+        viewer,
         Method::POST,
-        &format!("/v1/arrangements/{}/disband", active.id),
-        Some(serde_json::json!({"reason": "admin api test"})),
+        &disband,
+        Some(body.clone()),
     )
     .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let still = primary
+        .node
+        .store()
+        .arrangement(&active.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(still.state, State::Active);
+    let reply = https(addr, cert, operator, Method::POST, &disband, Some(body)).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let ended: ArrangementView = reply.json();
     assert_eq!(ended.state, StateView::Disbanded, "{ended:?}");
