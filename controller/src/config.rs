@@ -529,6 +529,7 @@ pub struct LongTermConfig {
     pub role: Role,
     /// Capacity agreed.
     pub new_connections_per_s: u32,
+    /// Bandwidth agreed, Mbit/s; 0 (the default): the agreement limits connections only.
     #[serde(default)]
     pub egress_mbps: u32,
     /// Agreed prices, micro-units of `currency` (default: the policy's currency).

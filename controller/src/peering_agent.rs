@@ -752,7 +752,10 @@ impl GrpcPeers {
         match f(client).await {
             Ok(r) => Ok(r.into_inner()),
             Err(e) => {
-                if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
                     self.forget(&peer).await;
                 }
                 Err(e)

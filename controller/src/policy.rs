@@ -141,7 +141,7 @@ pub struct LongTerm {
     pub peer: Fingerprint,
     /// Our side: `Primary` if we steer to `peer`, `Provider` if `peer` steers to us.
     pub role: Role,
-    /// The most an activation may ask for.
+    /// The most an activation may ask for (egress 0: not limited by the agreement).
     pub new_connections_per_s: u32,
     pub egress_mbps: u32,
     pub price_per_gb_micros: u64,
@@ -195,7 +195,7 @@ impl LongTerm {
     ) -> Result<pb::Offer, pb::Reject> {
         let asked = req.capacity.unwrap_or_default();
         if asked.new_connections_per_s > self.new_connections_per_s
-            || asked.egress_mbps > self.egress_mbps
+            || (self.egress_mbps > 0 && asked.egress_mbps > self.egress_mbps)
         {
             return Err(reject(
                 pb::RejectReason::NoCapacity,
