@@ -396,6 +396,15 @@ impl pb::peering_server::Peering for Agent {
         let Some(terms) = a.terms.clone() else {
             return Err(Status::internal("offer without terms"));
         };
+        if let (State::Accepted, Some(Decision::Decline(decline))) = (a.state, &m.decision) {
+            // The primary accepted, then lost track (it restarted before activating): it
+            // takes the acceptance back.
+            self.cancel(
+                &a,
+                &format!("declined after acceptance: {}", decline.reason),
+            )?;
+            return reply(R::Declined(pb::Declined {}));
+        }
         if a.state != State::Offered {
             return reply(R::Reject(reject(
                 pb::RejectReason::Unknown,
