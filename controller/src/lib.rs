@@ -22,5 +22,6 @@ pub mod policy;
 pub mod proto;
 pub mod registry;
 pub mod store;
+pub mod surrogate;
 pub mod tls;
 pub mod transport;
