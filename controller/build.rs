@@ -13,5 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Size limit, InvalidArgument for undecodable input, field validation: see proto.rs.
         .codec_path("crate::proto::LimitedCodec")
         .compile_fds(descriptors)?;
+
+    // The content manifest (see manifest.rs): messages only, no service.
+    let manifest = Path::new("proto/p2pcdn/content/v1/manifest.proto");
+    println!("cargo:rerun-if-changed={}", manifest.display());
+    let descriptors = protox::compile([manifest], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -144,6 +144,11 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Content manifests: build and sign one, or verify and show one.
+    Manifest {
+        #[command(subcommand)]
+        command: crate::manifest::cli::ManifestCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +193,9 @@ pub fn main() -> ExitCode {
             force,
         } => init(&dir, &name, &organisation, force, cli.global.json),
         Command::Run => run(&cli.global.config),
+        Command::Manifest { command } => {
+            crate::manifest::cli::run(command, &cli.global.config, cli.global.json)
+        }
         command => operator(&cli.global, command),
     };
     ExitCode::from(code)
@@ -487,7 +495,9 @@ async fn run_command(client: &AdminClient, command: Command, json: bool) -> Resu
                 a.end_reason.map(|r| format!(" ({r})")).unwrap_or_default()
             ));
         }
-        Command::Init { .. } | Command::Run => return Err(exit::FAILURE),
+        Command::Init { .. } | Command::Run | Command::Manifest { .. } => {
+            return Err(exit::FAILURE);
+        }
     }
     Ok(exit::OK)
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod identity;
+pub mod manifest;
 pub mod mediator;
 pub mod model;
 pub mod negotiation;
