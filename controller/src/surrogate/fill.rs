@@ -9,14 +9,14 @@ use tokio::sync::watch;
 use super::{
     Entry, Inner, TenantState,
     origin::{FetchFailure, OriginError, Sink, object_url},
-    store::{DiskError, DiskObject, Inflight, Sha, file_matches},
+    store::{DiskError, Inflight, Lease, Sha, file_matches},
 };
 
 /// A verified object.
 #[derive(Clone)]
 pub(crate) enum Object {
     Memory(Bytes),
-    Disk(Arc<DiskObject>),
+    Disk(Arc<Lease>),
 }
 
 /// Why an object could not be made ready.
@@ -104,7 +104,7 @@ async fn fill(inner: &Inner, tenant: &TenantState, entry: &Entry) -> FillResult 
     if let Some(object) = store.lookup(&sha) {
         return Ok(object);
     }
-    if let Some(found) = store.disk_get(&sha) {
+    if let Some(found) = store.disk_get(&sha).and_then(|d| d.lease()) {
         // Left by a previous run: hash it again before its first use.
         let (path, size) = (found.path.clone(), found.size);
         let checked = tokio::task::spawn_blocking(move || file_matches(&path, size, &sha)).await;

@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -90,15 +90,16 @@ pub(crate) enum DiskError {
     Removed,
 }
 
-/// A stored file. Deleted (and its bytes released) when it was evicted and the last user
-/// dropped it; kept when the surrogate merely stops.
+/// A stored file. When its index entry is evicted its bytes are released at once and the
+/// file is unlinked as soon as no [`Lease`] holds it (a response streaming it, a fill result
+/// waiting to be served); when the surrogate merely stops, it stays for the next run.
 pub(crate) struct DiskObject {
     pub(crate) path: PathBuf,
     pub(crate) size: u64,
     verified: AtomicBool,
     evicted: AtomicBool,
-    space: Arc<DiskSpace>,
-    tenant_bytes: Arc<AtomicU64>,
+    users: AtomicUsize,
+    unlinked: AtomicBool,
 }
 
 impl DiskObject {
@@ -109,11 +110,24 @@ impl DiskObject {
     pub(crate) fn set_verified(&self) {
         self.verified.store(true, Ordering::Release);
     }
-}
 
-impl Drop for DiskObject {
-    fn drop(&mut self) {
-        if !self.evicted.load(Ordering::Acquire) {
+    /// A lease keeping the file on disk, `None` if it was evicted already.
+    pub(crate) fn lease(self: &Arc<Self>) -> Option<Arc<Lease>> {
+        // Dekker-style with `evict`: either this sees `evicted`, or `evict` sees the user.
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let lease = Arc::new(Lease(Arc::clone(self)));
+        (!self.evicted.load(Ordering::SeqCst)).then_some(lease)
+    }
+
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::SeqCst);
+        if self.users.load(Ordering::SeqCst) == 0 {
+            self.unlink();
+        }
+    }
+
+    fn unlink(&self) {
+        if self.unlinked.swap(true, Ordering::AcqRel) {
             return;
         }
         match fs::remove_file(&self.path) {
@@ -123,8 +137,26 @@ impl Drop for DiskObject {
                 tracing::warn!(path = %self.path.display(), error = %e, "surrogate: removing an evicted file")
             }
         }
-        DiskSpace::release(&self.space.disk_used, self.size);
-        DiskSpace::release(&self.tenant_bytes, self.size);
+    }
+}
+
+/// A user of a stored file (see [`DiskObject`]).
+pub(crate) struct Lease(Arc<DiskObject>);
+
+impl std::ops::Deref for Lease {
+    type Target = DiskObject;
+
+    fn deref(&self) -> &DiskObject {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.0.users.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.evicted.load(Ordering::SeqCst)
+        {
+            self.0.unlink();
+        }
     }
 }
 
@@ -238,13 +270,17 @@ impl TenantStore {
         let disk_unit = unit_for(budgets.max_object_bytes);
         let disk = {
             let memory = memory.clone();
+            let space = Arc::clone(&space);
+            let tenant_bytes = Arc::clone(&disk_bytes);
             Cache::builder()
                 .max_capacity(budgets.total_bytes / disk_unit)
                 .eviction_policy(policy(cfg.eviction))
                 .weigher(move |_: &Sha, v: &Arc<DiskObject>| weight(v.size, disk_unit))
                 .eviction_listener(
                     move |key: Arc<Sha>, v: Arc<DiskObject>, cause: RemovalCause| {
-                        v.evicted.store(true, Ordering::Release);
+                        DiskSpace::release(&space.disk_used, v.size);
+                        DiskSpace::release(&tenant_bytes, v.size);
+                        v.evict();
                         // What leaves the disk leaves memory too: the arrangement's footprint
                         // stays within its budget in both tiers.
                         if cause != RemovalCause::Replaced {
@@ -310,7 +346,7 @@ impl TenantStore {
                         && DiskSpace::reserve(&self.space.disk_used, self.space.disk_limit, len)
                         && {
                             taken.insert(sha);
-                            self.index(sha, path.clone(), len, false);
+                            drop(self.index(sha, path.clone(), len, false));
                             true
                         }
                 }
@@ -334,18 +370,22 @@ impl TenantStore {
         }
     }
 
-    fn index(&self, sha: Sha, path: PathBuf, size: u64, verified: bool) -> Arc<DiskObject> {
+    /// Indexes a file; with `lease`, the lease is taken before the cache can evict it
+    /// (TinyLFU may refuse a newcomer at once): requests waiting for a fill are served from
+    /// the file either way.
+    fn index(&self, sha: Sha, path: PathBuf, size: u64, verified: bool) -> Arc<Lease> {
         self.disk_bytes.fetch_add(size, Ordering::Relaxed);
         let object = Arc::new(DiskObject {
             path,
             size,
             verified: AtomicBool::new(verified),
             evicted: AtomicBool::new(false),
-            space: Arc::clone(&self.space),
-            tenant_bytes: Arc::clone(&self.disk_bytes),
+            users: AtomicUsize::new(1),
+            unlinked: AtomicBool::new(false),
         });
-        self.disk.insert(sha, Arc::clone(&object));
-        object
+        let lease = Arc::new(Lease(Arc::clone(&object)));
+        self.disk.insert(sha, object);
+        lease
     }
 
     pub(crate) fn memory_get(&self, sha: &Sha) -> Option<Bytes> {
@@ -359,10 +399,13 @@ impl TenantStore {
     /// A cached object ready to serve without the origin (memory, or a verified file).
     pub(crate) fn lookup(&self, sha: &Sha) -> Option<Object> {
         if let Some(bytes) = self.memory_get(sha) {
+            // The disk entry sees the access too: evicting it drops the memory copy.
+            drop(self.disk.get(sha));
             return Some(Object::Memory(bytes));
         }
         self.disk_get(sha)
             .filter(|d| d.verified())
+            .and_then(|d| d.lease())
             .map(Object::Disk)
     }
 
@@ -408,7 +451,7 @@ impl TenantStore {
         &self,
         sha: Sha,
         mut temp: TempFile,
-    ) -> Result<Arc<DiskObject>, DiskError> {
+    ) -> Result<Arc<Lease>, DiskError> {
         temp.finish().await?;
         if self.removed.load(Ordering::Acquire) {
             return Err(DiskError::Removed);
@@ -417,9 +460,9 @@ impl TenantStore {
         let path = self.dir.join(name);
         tokio::fs::rename(&temp.path, &path).await?;
         temp.published = true;
-        let object = self.index(sha, path, temp.size, true);
+        let lease = self.index(sha, path, temp.size, true);
         self.disk.run_pending_tasks();
-        Ok(object)
+        Ok(lease)
     }
 
     /// Writes verified bytes of a small object to the disk tier.
