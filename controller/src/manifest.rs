@@ -116,11 +116,11 @@ pub enum ManifestError {
 impl ManifestError {
     /// Whether the error is the caller's input (exit 64) rather than a runtime failure
     /// (exit 1): an unusable root, URL, path list or manifest file, an object too large, an
-    /// origin that says a listed path does not exist. Connection failures, time-outs and
-    /// server errors are runtime failures.
+    /// origin that answers a listed path with a redirect or a client error (404, …).
+    /// Connection failures, time-outs and server errors (5xx) are runtime failures.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            Self::Status { status, .. } => (400..500).contains(status),
+            Self::Status { status, .. } => *status < 500,
             Self::Fetch { .. } => false,
             _ => true,
         }
