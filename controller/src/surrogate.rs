@@ -23,8 +23,6 @@ mod fill;
 mod http;
 mod origin;
 mod server;
-#[doc(hidden)]
-pub mod stand_in;
 mod store;
 mod usage;
 
@@ -41,23 +39,19 @@ use tokio::{net::TcpListener, task::JoinSet};
 
 use self::{
     origin::OriginClient,
-    stand_in as manifest,
     store::{DiskSpace, TenantStore},
     usage::Usage,
 };
-pub use self::{
-    origin::OriginError,
-    stand_in::{Entry, Manifest, ManifestError},
-    usage::TenantUsage,
-};
+pub use self::{origin::OriginError, usage::TenantUsage};
+pub use crate::manifest::{Entry, Manifest, ManifestError};
 use crate::{
     identity::fingerprint_of_spki,
+    manifest,
     model::{Fingerprint, UnixMs, now_ms},
 };
 
-/// Largest signed manifest [`fetch_manifest`] reads (the manifest format's own limit plus
-/// room for the signature envelope).
-pub const MAX_MANIFEST_BYTES: usize = 64 * 1024 * 1024 + 4096;
+/// Largest signed manifest [`fetch_manifest`] reads (the manifest format's own limit).
+pub const MAX_MANIFEST_BYTES: usize = manifest::MAX_SIGNED_BYTES;
 /// Arrangements one surrogate serves at most.
 pub const MAX_TENANTS: usize = 1024;
 /// Host names per arrangement at most.
@@ -438,20 +432,13 @@ impl Surrogate {
                 new: new.service,
             });
         }
-        let mut update = ManifestUpdate::default();
-        for (path, entry) in &new.entries {
-            match old.entries.get(path) {
-                None => update.added.push(path.clone()),
-                Some(before) if before != entry => update.changed.push(path.clone()),
-                Some(_) => {}
-            }
-        }
-        update.removed = old
-            .entries
-            .keys()
-            .filter(|path| !new.entries.contains_key(*path))
-            .cloned()
-            .collect();
+        let delta = manifest::diff(&old, &new);
+        let mut update = ManifestUpdate {
+            added: delta.added,
+            changed: delta.changed,
+            removed: delta.removed,
+            objects_dropped: 0,
+        };
         let keep: HashSet<[u8; 32]> = new.entries.values().map(|e| e.sha256).collect();
         update.objects_dropped = tenant.store.retain(|sha| keep.contains(sha));
         *slot = Arc::new(new);
@@ -628,6 +615,7 @@ impl Inner {
 }
 
 fn check_manifest(primary: &Fingerprint, m: &Manifest, now: UnixMs) -> Result<(), SurrogateError> {
+    m.validate()?;
     if m.primary != *primary {
         return Err(SurrogateError::ForeignManifest {
             expected: *primary,

@@ -406,7 +406,8 @@ async fn add_tenant_refuses_bad_input() {
     let m = manifest(&id, "http://127.0.0.1:9", vec![entry("/a", b"a")]);
 
     let mut expired = m.clone();
-    expired.expires_ms = 1;
+    expired.created_ms -= 7_200_000;
+    expired.expires_ms = expired.created_ms + 3_600_000;
     let err = surrogate
         .add_tenant(tenant(&id, "a1", expired, budgets()))
         .unwrap_err();

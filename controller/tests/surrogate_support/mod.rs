@@ -29,11 +29,9 @@ use hyper_util::{
 };
 use p2pcdn_controller::{
     identity::NodeIdentity,
+    manifest::{self, Entry, Manifest, SignedManifest},
     model::now_ms,
-    surrogate::{
-        Budgets, Surrogate, SurrogateConfig, Tenant,
-        stand_in::{self as manifest, Entry, Manifest, SignedManifest},
-    },
+    surrogate::{Budgets, Surrogate, SurrogateConfig, Tenant},
 };
 use tokio::sync::oneshot;
 
@@ -184,7 +182,7 @@ pub fn entry_with(path: &str, size: u64, sha: [u8; 32]) -> Entry {
         size,
         sha256: sha,
         content_type: "text/plain".to_owned(),
-        etag: format!("\"{}\"", hex::encode(&sha[..16])),
+        etag: manifest::etag_of(&sha),
         cache_control: "public, max-age=60".to_owned(),
         last_modified_ms: Some(1_700_000_000_000),
     }
