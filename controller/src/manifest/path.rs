@@ -152,7 +152,8 @@ mod tests {
 
     #[test]
     fn everything_else_is_refused() {
-        let cases: &[(&str, fn(&PathError) -> bool)] = &[
+        type Expected = fn(&PathError) -> bool;
+        let cases: &[(&str, Expected)] = &[
             ("", |e| matches!(e, PathError::Empty)),
             ("a/b", |e| matches!(e, PathError::NotAbsolute(_))),
             ("/a//b", |e| matches!(e, PathError::EmptySegment(_))),
