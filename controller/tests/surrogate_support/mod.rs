@@ -114,7 +114,9 @@ async fn origin_handler(State(origin): State<Origin>, req: Request) -> Response 
         Some(Behaviour::Generated(size)) => {
             let stream = tokio_stream::iter((0..size.div_ceil(CHUNK as u64)).map(move |i| {
                 let len = (size - i * CHUNK as u64).min(CHUNK as u64) as usize;
-                Ok::<_, std::io::Error>(Bytes::from(generated_chunk(i)[..len].to_vec()))
+                let mut chunk = generated_chunk(i);
+                chunk.truncate(len);
+                Ok::<_, std::io::Error>(Bytes::from(chunk))
             }));
             let mut response = Response::new(Body::from_stream(stream));
             response
@@ -136,14 +138,20 @@ pub const CHUNK: usize = 64 * 1024;
 /// Piece `i` of a generated object: a fixed pseudo-random block with the piece number in
 /// its first bytes (different pieces, no big buffer).
 pub fn generated_chunk(i: u64) -> Vec<u8> {
-    let mut block = Vec::with_capacity(CHUNK);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    while block.len() < CHUNK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        block.extend_from_slice(&x.to_le_bytes());
-    }
+    static BLOCK: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let mut block = BLOCK
+        .get_or_init(|| {
+            let mut block = Vec::with_capacity(CHUNK);
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            while block.len() < CHUNK {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                block.extend_from_slice(&x.to_le_bytes());
+            }
+            block
+        })
+        .clone();
     block[..8].copy_from_slice(&i.to_le_bytes());
     block
 }
@@ -151,10 +159,8 @@ pub fn generated_chunk(i: u64) -> Vec<u8> {
 /// SHA-256 of a generated object of `size` bytes, computed piece by piece.
 pub fn generated_sha256(size: u64) -> [u8; 32] {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let base = generated_chunk(0);
-    let mut chunk = base.clone();
     for i in 0..size.div_ceil(CHUNK as u64) {
-        chunk[..8].copy_from_slice(&i.to_le_bytes());
+        let chunk = generated_chunk(i);
         let len = (size - i * CHUNK as u64).min(CHUNK as u64) as usize;
         context.update(&chunk[..len]);
     }
