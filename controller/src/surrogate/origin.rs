@@ -27,7 +27,7 @@ const AGENT: &str = concat!("p2pcdn-surrogate/", env!("CARGO_PKG_VERSION"));
 pub enum OriginError {
     #[error("invalid origin url {0:?}")]
     Url(String),
-    #[error("origin request failed: {0}")]
+    #[error("origin request failed: {}", chain(.0.as_ref()))]
     Request(Arc<hyper_util::client::legacy::Error>),
     #[error("origin sent no response headers within {0:?}")]
     HeaderTimeout(Duration),
@@ -35,7 +35,7 @@ pub enum OriginError {
     BodyTimeout(Duration),
     #[error("origin answered status {0}")]
     Status(u16),
-    #[error("origin body: {0}")]
+    #[error("origin body: {}", chain(.0.as_ref()))]
     Body(Arc<hyper::Error>),
     #[error("origin sent {got} bytes, the manifest says {expected}")]
     SizeMismatch { expected: u64, got: u64 },
@@ -43,6 +43,21 @@ pub enum OriginError {
     DigestMismatch,
     #[error("origin response larger than {0} bytes")]
     TooLarge(usize),
+}
+
+/// An error and its causes on one line (hyper's errors keep the useful part in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
 }
 
 impl OriginError {

@@ -81,13 +81,18 @@ impl Origin {
     pub async fn start(&self) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new()
-            .fallback(origin_handler)
-            .with_state(self.clone());
+        let app = self.router();
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
         format!("http://{addr}")
+    }
+
+    /// The origin as a router, to serve it some other way (TLS).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .fallback(origin_handler)
+            .with_state(self.clone())
     }
 }
 
