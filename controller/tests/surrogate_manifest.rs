@@ -37,6 +37,8 @@ async fn a_signed_manifest_is_fetched_verified_and_served() {
         .unwrap();
     assert_eq!(fetched, m);
 
+    // The usage counters are exported as metrics labelled with the arrangement.
+    let metrics = p2pcdn_controller::admin::install_metrics();
     let surrogate = Surrogate::new(config(dir.path())).await.unwrap();
     let again = surrogate
         .fetch_manifest(&url, None, &id.spki_der, now_ms())
@@ -49,6 +51,48 @@ async fn a_signed_manifest_is_fetched_verified_and_served() {
     let got = get(&client(), &running, "/app.js", &[]).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body, body);
+    let text = metrics.render();
+    for line in [
+        "p2pcdn_surrogate_requests_total{tenant=\"arr-1\"} 1",
+        "p2pcdn_surrogate_misses_total{tenant=\"arr-1\"} 1",
+        &format!(
+            "p2pcdn_surrogate_bytes_total{{tenant=\"arr-1\"}} {}",
+            body.len()
+        ),
+        &format!(
+            "p2pcdn_surrogate_origin_bytes_total{{tenant=\"arr-1\"}} {}",
+            body.len()
+        ),
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_served_under_an_expired_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::default();
+    let base = origin.start().await;
+    let id = primary_identity();
+    let body = Bytes::from_static(b"x");
+    origin.set("/x", Behaviour::Serve(body.clone()));
+    let mut m = manifest(&id, &base, vec![entry("/x", &body)]);
+    m.expires_ms = now_ms() + 1500;
+    let surrogate = Surrogate::new(config(dir.path())).await.unwrap();
+    surrogate
+        .add_tenant(tenant(&id, "arr-1", m, budgets()))
+        .unwrap();
+    let running = Running::start(surrogate.clone()).await;
+    let client = client();
+    assert_eq!(
+        get(&client, &running, "/x", &[]).await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let got = get(&client, &running, "/x", &[]).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&got.body).contains("expired"));
     running.stop().await;
 }
 
