@@ -261,7 +261,7 @@ struct Tenants {
 pub(crate) struct TenantState {
     id: String,
     primary: Fingerprint,
-    allow_origin: Option<http::HeaderValueOwned>,
+    allow_origin: Option<axum::http::HeaderValue>,
     budgets: Budgets,
     manifest: RwLock<Arc<Manifest>>,
     store: TenantStore,

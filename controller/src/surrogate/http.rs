@@ -26,8 +26,6 @@ use super::{
 };
 use crate::model::{Fingerprint, now_ms};
 
-pub(crate) type HeaderValueOwned = HeaderValue;
-
 /// Size of the pieces a body is read from disk in.
 const CHUNK: usize = 64 * 1024;
 /// Response header naming whether the object was stored already.

@@ -177,10 +177,11 @@ impl TempFile {
         }
     }
 
+    /// Flushes to the kernel. No fsync: a file a crash left incomplete or garbled is caught
+    /// by the SHA-256 check every stored file passes again after a restart.
     async fn finish(&mut self) -> io::Result<()> {
         if let Some(mut file) = self.file.take() {
             file.flush().await?;
-            file.into_inner().sync_data().await?;
         }
         Ok(())
     }
