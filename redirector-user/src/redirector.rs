@@ -711,8 +711,21 @@ impl Redirector {
                 dir,
             });
         }
+        // The kernel releases a link whose last pin is removed asynchronously (the pin's inode
+        // and the link are freed from deferred work), so the program may still show on the
+        // interface for a moment: wait for it, bounded.
         let still_attached = match (link_prog, ifindex(iface)) {
-            (Some(prog), Ok(index)) => Netlink::new()?.xdp_state(index)?.prog_id == Some(prog),
+            (Some(prog), Ok(index)) => {
+                let mut netlink = Netlink::new()?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                loop {
+                    let attached = netlink.xdp_state(index)?.prog_id == Some(prog);
+                    if !attached || std::time::Instant::now() >= deadline {
+                        break attached;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
             _ => false,
         };
         Ok(DetachReport {
