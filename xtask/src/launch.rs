@@ -29,12 +29,20 @@ pub struct Bench {
 /// Every benchmark `cargo xtask bench` knows. To add one (surrogate, loadtest, trust, ...),
 /// write its binary so it takes `--out PATH` and writes its JSON results there, and add a line
 /// here; xtask passes `--out target/bench/<name>.json`.
-pub const BENCHES: &[Bench] = &[Bench {
-    name: "dataplane",
-    package: "p2pcdn-tests",
-    bin: "bench-dataplane",
-    about: "XDP program paths timed with BPF_PROG_TEST_RUN, ns/packet net of an empty-program floor",
-}];
+pub const BENCHES: &[Bench] = &[
+    Bench {
+        name: "dataplane",
+        package: "p2pcdn-tests",
+        bin: "bench-dataplane",
+        about: "XDP program paths timed with BPF_PROG_TEST_RUN, ns/packet net of an empty-program floor",
+    },
+    Bench {
+        name: "control",
+        package: "p2pcdn-tests",
+        bin: "bench-control",
+        about: "discovery and negotiation times of 3, 10 and 100 in-process controllers over loopback TLS",
+    },
+];
 
 /// The option telling a bench binary where to write its JSON.
 pub const OUT_FLAG: &str = "--out";
