@@ -241,6 +241,8 @@ pub(crate) struct Core {
     policy: Policy,
     registry: Registry,
     agent: Agent,
+    /// The configured hooks wrapped in [`RefreshingHooks`] (the agent holds the same).
+    hooks: Arc<dyn ArrangementHooks>,
     peers: GrpcPeers,
     negotiator: Negotiator,
     control_addr: SocketAddr,
@@ -359,7 +361,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         Arc::new(policy.clone()),
         registry.clone(),
         config.resources.capacity(),
-        hooks,
+        hooks.clone(),
     );
     let peers = GrpcPeers::new(
         identity.clone(),
@@ -427,6 +429,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         policy,
         registry,
         agent,
+        hooks,
         peers,
         negotiator,
         control_addr,
@@ -576,13 +579,6 @@ impl Core {
         m.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn hooks(&self) -> RefreshingHooks {
-        RefreshingHooks {
-            inner: self.options.hooks.clone(),
-            refresh: self.refresh.clone(),
-        }
-    }
-
     /// The store part of recovery (see the module documentation); the network part runs in
     /// [`Core::maintain`].
     fn recover(&self) -> Result<Recovered, DaemonError> {
@@ -662,7 +658,7 @@ impl Core {
             if a.expires_ms.is_some_and(|e| e > now_ms()) {
                 // Re-install what the data plane had (the primary's peers, the provider's
                 // decap allow-list); a primary ends it if the provider denies it below.
-                if let Err(e) = self.hooks().activated(a) {
+                if let Err(e) = self.hooks.activated(a) {
                     tracing::error!(arrangement = %a.id, error = %e,
                         "cannot re-install a recovered arrangement");
                 }
@@ -820,6 +816,10 @@ impl Core {
 
     /// Counts a missed heartbeat; disbands after `heartbeat_misses` in a row.
     async fn missed(&self, a: &ArrangementRecord, why: &str) {
+        // Ended while the heartbeat was under way (a disband by the operator or expiry).
+        if !matches!(self.store.arrangement(&a.id), Ok(Some(now)) if now.state == State::Active) {
+            return;
+        }
         let misses = {
             let mut map = Self::lock(&self.misses);
             let n = map.entry(a.id.clone()).or_insert(0);
@@ -908,7 +908,7 @@ impl Core {
             },
         ) {
             Ok(ended) => {
-                self.hooks().ended(&ended);
+                self.hooks.ended(&ended);
                 Ok(())
             }
             // Answered in the meantime.
@@ -942,7 +942,7 @@ impl Core {
             Ok(ended) => {
                 tracing::info!(arrangement = %a.id, peer = %a.peer.short(), detail, "arrangement ended");
                 if a.state == State::Active {
-                    self.hooks().ended(&ended);
+                    self.hooks.ended(&ended);
                 }
             }
             Err(e) => tracing::debug!(arrangement = %a.id, error = %e, "already ended"),
@@ -998,10 +998,13 @@ impl Core {
                 State::Disbanding,
                 now_ms(),
                 &cause.detail,
-                ArrangementChanges::default(),
+                ArrangementChanges {
+                    end_reason: Some(cause.detail.clone()),
+                    ..ArrangementChanges::default()
+                },
             )?;
             // From now on nothing new is steered to (or accepted from) the peer.
-            self.hooks().ended(&disbanding);
+            self.hooks.ended(&disbanding);
             disbanding
         } else {
             a

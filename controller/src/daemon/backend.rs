@@ -17,7 +17,6 @@ use crate::{
     mediator,
     model::{Fingerprint, Role, now_ms},
     negotiation::Candidate,
-    peering_agent::ArrangementHooks as _,
     proto::pb,
     store::{self, ArrangementRecord, Liveness, NegotiationRecord, NegotiationState, StoreError},
 };
@@ -294,7 +293,7 @@ impl Backend {
         // The primary's side of the data plane: steer to the new providers.
         let mut kept = Vec::new();
         for record in active {
-            match core.hooks().activated(&record) {
+            match core.hooks.activated(&record) {
                 Ok(()) => kept.push(record),
                 Err(e) => {
                     tracing::error!(arrangement = %record.id, error = %e, "cannot steer to the provider; disbanding");
