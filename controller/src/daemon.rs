@@ -267,14 +267,26 @@ struct RefreshingHooks {
 
 impl ArrangementHooks for RefreshingHooks {
     fn activated(&self, arrangement: &ArrangementRecord) -> Result<(), String> {
-        let result = self.inner.activated(arrangement);
+        let result = off_the_workers(|| self.inner.activated(arrangement));
         self.refresh.notify_one();
         result
     }
 
     fn ended(&self, arrangement: &ArrangementRecord) {
-        self.inner.ended(arrangement);
+        off_the_workers(|| self.inner.ended(arrangement));
         self.refresh.notify_one();
+    }
+}
+
+/// Runs a data-plane hook, which may block (a map update, a netlink round trip), without
+/// holding up the tasks queued on this worker (gossip probes, RPCs, timers): on a
+/// multi-threaded runtime the worker's queue moves to another thread for the duration.
+fn off_the_workers<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

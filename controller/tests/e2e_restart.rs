@@ -792,7 +792,12 @@ async fn kill_9_and_restart(moment: Moment) {
         let outcome = answer.unwrap_or_else(|e| panic!("negotiate: {e}"));
         assert_eq!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
     } else {
-        assert!(answer.is_err(), "the killed daemon answered: {answer:?}");
+        assert!(
+            answer.is_err(),
+            "the killed daemon answered: {answer:?}\nprovider records at the kill: {:?}\n{}",
+            summary(&at_kill),
+            cluster.primary.log()
+        );
     }
 
     let left = check_left_behind(&cluster.primary, "after-kill");
