@@ -49,10 +49,12 @@ use crate::{
     policy::{Policy, settle},
     proto::pb,
     registry::Registry,
+    steering::{SharedDataplane, Steering, SteeringSettings},
     store::{
         ArrangementChanges, ArrangementFilter, ArrangementRecord, NegotiationState, Store,
         StoreError, UsageEntry, UsageKind, UsageSource, is_terminal,
     },
+    surrogate::Surrogate,
     tls::{self, CaBundle, PeerAdmission},
     transport,
 };
@@ -79,6 +81,13 @@ pub struct Options {
     pub heartbeat_misses: u32,
     /// Connect timeout towards peers.
     pub rpc_timeout: Duration,
+    /// The data plane this node programs: active arrangements become peers (primary) and
+    /// decapsulation allow-list entries (provider). `None`: control plane only.
+    pub dataplane: Option<SharedDataplane>,
+    /// The surrogate that serves primaries' content under this node's provider arrangements.
+    pub surrogate: Option<Surrogate>,
+    /// How arrangements are put into the data plane and the surrogate.
+    pub steering: SteeringSettings,
 }
 
 impl Default for Options {
@@ -88,6 +97,9 @@ impl Default for Options {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_misses: 3,
             rpc_timeout: Duration::from_secs(2),
+            dataplane: None,
+            surrogate: None,
+            steering: SteeringSettings::default(),
         }
     }
 }
@@ -98,6 +110,9 @@ impl std::fmt::Debug for Options {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("heartbeat_misses", &self.heartbeat_misses)
             .field("rpc_timeout", &self.rpc_timeout)
+            .field("dataplane", &self.dataplane.is_some())
+            .field("surrogate", &self.surrogate.is_some())
+            .field("steering", &self.steering)
             .finish_non_exhaustive()
     }
 }
@@ -210,6 +225,11 @@ impl Node {
         &self.core.store
     }
 
+    /// The data-plane side of arrangements, when the node was started with a data plane.
+    pub fn steering(&self) -> Option<&Steering> {
+        self.core.steering.as_ref()
+    }
+
     /// What the admin API serves (the operator commands, callable in process).
     pub fn backend(&self) -> Arc<dyn admin::AdminBackend> {
         self.backend.clone()
@@ -243,6 +263,8 @@ pub(crate) struct Core {
     agent: Agent,
     /// The configured hooks wrapped in [`RefreshingHooks`] (the agent holds the same).
     hooks: Arc<dyn ArrangementHooks>,
+    /// The data-plane side of arrangements, when the node has a data plane.
+    steering: Option<Steering>,
     peers: GrpcPeers,
     negotiator: Negotiator,
     control_addr: SocketAddr,
@@ -275,6 +297,25 @@ impl ArrangementHooks for RefreshingHooks {
     fn ended(&self, arrangement: &ArrangementRecord) {
         off_the_workers(|| self.inner.ended(arrangement));
         self.refresh.notify_one();
+    }
+}
+
+/// Two hooks in turn: the second is told of an activation only if the first accepted it, and
+/// of every end.
+struct ChainedHooks {
+    first: Arc<dyn ArrangementHooks>,
+    then: Arc<dyn ArrangementHooks>,
+}
+
+impl ArrangementHooks for ChainedHooks {
+    fn activated(&self, arrangement: &ArrangementRecord) -> Result<(), String> {
+        self.first.activated(arrangement)?;
+        self.then.activated(arrangement)
+    }
+
+    fn ended(&self, arrangement: &ArrangementRecord) {
+        self.first.ended(arrangement);
+        self.then.ended(arrangement);
     }
 }
 
@@ -363,8 +404,23 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         })?;
 
     let refresh = Arc::new(Notify::new());
+    let steering = options.dataplane.clone().map(|dataplane| {
+        Steering::new(
+            store.clone(),
+            dataplane,
+            options.surrogate.clone(),
+            options.steering.clone(),
+        )
+    });
+    let configured: Arc<dyn ArrangementHooks> = match &steering {
+        Some(steering) => Arc::new(ChainedHooks {
+            first: Arc::new(steering.clone()),
+            then: options.hooks.clone(),
+        }),
+        None => options.hooks.clone(),
+    };
     let hooks: Arc<dyn ArrangementHooks> = Arc::new(RefreshingHooks {
-        inner: options.hooks.clone(),
+        inner: configured,
         refresh: refresh.clone(),
     });
     let agent = Agent::new(
@@ -442,6 +498,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         registry,
         agent,
         hooks,
+        steering,
         peers,
         negotiator,
         control_addr,

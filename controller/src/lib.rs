@@ -22,6 +22,7 @@ pub mod peering_agent;
 pub mod policy;
 pub mod proto;
 pub mod registry;
+pub mod steering;
 pub mod store;
 pub mod surrogate;
 pub mod tls;

@@ -1,0 +1,432 @@
+//! The data plane follows the arrangements: two real daemons (mutual TLS, gossip, SQLite), each
+//! with an in-memory data plane (the redirector's map logic without the kernel), the provider
+//! with a real surrogate on loopback, and an origin web server that serves the primary's
+//! signed manifest and files.
+//!
+//! Activation makes the primary steer to the provider (a peer with the agreed rate and
+//! encapsulation, for the arrangement's service only) and the provider allow the primary's
+//! tunnel source and serve the primary's content on the service address; disbanding undoes
+//! all of it. A provider that cannot verify the primary's manifest refuses the activation and
+//! keeps nothing.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests panic with a message on failure"
+)]
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::get};
+use p2pcdn_controller::{
+    admin::{NegotiateRequest, NegotiationState},
+    daemon::{self, Node, Options, testbed},
+    identity::NodeIdentity,
+    manifest::{self, BuildOptions},
+    model::{Role, now_ms},
+    steering::{SharedDataplane, SteeringSettings, peer_name},
+    store::{ArrangementFilter, ArrangementRecord},
+    surrogate::{Surrogate, SurrogateConfig},
+};
+use redirector_user::{Dataplane, Encap, MemoryDataplane, PeerServices, ServiceSpec};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+const PRIMARY_TUNNEL_SOURCE: &str = "192.0.2.2";
+const PROVIDER_DECAP: &str = "192.0.2.1";
+const HOST: &str = "shop.test";
+const PAGE: &[u8] = b"<!doctype html><title>shop</title><p>flash sale</p>\n";
+
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("not within {WAIT:?}: {what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A loopback address of its own per test, for the service (the provider's surrogate listens
+/// on it, as it would on the service address on `lo`).
+fn service_addr(n: u8) -> SocketAddr {
+    let port = std::net::TcpListener::bind((IpAddr::from([127, 0, 0, n]), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    SocketAddr::new(IpAddr::from([127, 0, 0, n]), port)
+}
+
+/// The origin: `/manifest` (the signed manifest bytes) and the files by path.
+async fn start_origin(files: HashMap<String, Bytes>, manifest: Arc<Mutex<Bytes>>) -> SocketAddr {
+    #[derive(Clone)]
+    struct Origin {
+        files: Arc<HashMap<String, Bytes>>,
+        manifest: Arc<Mutex<Bytes>>,
+    }
+    async fn serve(State(o): State<Origin>, uri: axum::http::Uri) -> Result<Bytes, StatusCode> {
+        if uri.path() == "/manifest" {
+            return Ok(o.manifest.lock().unwrap().clone());
+        }
+        o.files
+            .get(uri.path())
+            .cloned()
+            .ok_or(StatusCode::NOT_FOUND)
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(get(serve)).with_state(Origin {
+        files: Arc::new(files),
+        manifest,
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+fn memory_dataplane() -> SharedDataplane {
+    let dp: Box<dyn Dataplane + Send> = Box::new(MemoryDataplane::new(
+        Some("192.0.2.254".parse().unwrap()),
+        None,
+    ));
+    Arc::new(Mutex::new(dp))
+}
+
+/// One HTTP/1.1 GET over a fresh connection; (status, body).
+async fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "read timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    let body = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| buf[i + 4..].to_vec())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    primary: Node,
+    provider: Node,
+    primary_dp: SharedDataplane,
+    provider_dp: SharedDataplane,
+    surrogate: Surrogate,
+    service: SocketAddr,
+}
+
+/// Starts the provider and the primary; `sign_with_other_key` makes the manifest the origin
+/// serves one the primary did not sign.
+async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let service = service_addr(n);
+    let manifest_bytes = Arc::new(Mutex::new(Bytes::new()));
+    let files = HashMap::from([
+        ("/index.html".to_owned(), Bytes::from_static(PAGE)),
+        ("/app.js".to_owned(), Bytes::from(vec![b'x'; 20_000])),
+    ]);
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    for (path, bytes) in &files {
+        std::fs::write(content.join(path.trim_start_matches('/')), bytes).unwrap();
+    }
+    let origin = start_origin(files, manifest_bytes.clone()).await;
+
+    let discovery =
+        "[discovery]\ngossip_interval_ms = 100\nsuspect_after_ms = 5000\ndead_after_ms = 15000\n";
+    let provider_prep = testbed::prepare(
+        &dir.path().join("peer"),
+        "peer",
+        &[],
+        &format!("{discovery}[resources]\ndecap_v4 = \"{PROVIDER_DECAP}\"\n"),
+    )
+    .unwrap();
+    let provider_dp = memory_dataplane();
+    let surrogate = Surrogate::new(SurrogateConfig::new(dir.path().join("cache")))
+        .await
+        .unwrap();
+    let settings = SteeringSettings {
+        manage_loopback: false,
+        ..SteeringSettings::default()
+    };
+    let provider = daemon::start(
+        provider_prep.config.clone(),
+        Options {
+            dataplane: Some(provider_dp.clone()),
+            surrogate: Some(surrogate.clone()),
+            steering: settings.clone(),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let primary_prep = testbed::prepare(
+        &dir.path().join("edge"),
+        "edge",
+        &[provider.gossip_addr()],
+        &format!(
+            "{discovery}[resources]\ndecap_v4 = \"{PRIMARY_TUNNEL_SOURCE}\"\n\
+             [[services]]\nname = \"web\"\naddresses = [\"{service}\"]\nhost_names = [\"{HOST}\"]\n\
+             manifest_url = \"http://{origin}/manifest\"\nduration_s = 600\n"
+        ),
+    )
+    .unwrap();
+    // The primary signs its manifest with its node key (another key: a forged manifest).
+    let signer = if sign_with_other_key {
+        NodeIdentity::generate("forger", "Forgers", &["localhost".to_owned()]).unwrap()
+    } else {
+        NodeIdentity::load(
+            &primary_prep.dir.join("node.key"),
+            &primary_prep.dir.join("node.crt"),
+        )
+        .unwrap()
+    };
+    let mut opts = BuildOptions::new(primary_prep.fingerprint, "web", &format!("http://{origin}"));
+    opts.now = now_ms();
+    let mut m = manifest::build_from_dir(&content, opts).await.unwrap();
+    m.set_hot(vec!["/index.html".to_owned()]);
+    *manifest_bytes.lock().unwrap() = Bytes::from(manifest::sign(&signer, &m).encode());
+
+    let primary_dp = memory_dataplane();
+    primary_dp
+        .lock()
+        .unwrap()
+        .upsert_service(&ServiceSpec::new("web", vec![service], 100))
+        .unwrap();
+    let primary = daemon::start(
+        primary_prep.config.clone(),
+        Options {
+            dataplane: Some(primary_dp.clone()),
+            steering: settings,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let provider_fp = provider.fingerprint();
+    eventually("the primary knows the provider's advert", || async {
+        if primary
+            .registry()
+            .candidates(now_ms())
+            .iter()
+            .any(|c| c.fingerprint == provider_fp)
+        {
+            Ok(())
+        } else {
+            Err("not yet".to_owned())
+        }
+    })
+    .await;
+    Pair {
+        _dir: dir,
+        primary,
+        provider,
+        primary_dp,
+        provider_dp,
+        surrogate,
+        service,
+    }
+}
+
+fn arrangements(node: &Node, role: Role) -> Vec<ArrangementRecord> {
+    node.store()
+        .arrangements(&ArrangementFilter {
+            role: Some(role),
+            ..ArrangementFilter::default()
+        })
+        .unwrap()
+}
+
+async fn negotiate(node: &Node, conn: u64) -> p2pcdn_controller::admin::NegotiationView {
+    tokio::time::timeout(
+        WAIT,
+        node.backend().negotiate(NegotiateRequest {
+            service: "web".to_owned(),
+            new_connections_per_s: Some(conn),
+            duration_s: None,
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+fn decap_allowed(dp: &SharedDataplane) -> Vec<IpAddr> {
+    dp.lock().unwrap().decap_allowed().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_active_arrangement_is_steered_served_and_undone() {
+    let pair = start_pair(61, false).await;
+    let outcome = negotiate(&pair.primary, 300).await;
+    assert_eq!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
+    let mine = arrangements(&pair.primary, Role::Primary)
+        .into_iter()
+        .find(|a| a.state == p2pcdn_controller::proto::pb::ArrangementState::Active)
+        .expect("an active primary arrangement");
+    let theirs = arrangements(&pair.provider, Role::Provider)
+        .into_iter()
+        .find(|a| a.state == p2pcdn_controller::proto::pb::ArrangementState::Active)
+        .expect("an active provider arrangement");
+
+    // The primary steers to the provider: its decap address, the agreed rate, this service.
+    let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let peer = &peers[0];
+    let granted = mine
+        .terms
+        .as_ref()
+        .and_then(|t| t.granted.as_ref())
+        .map(|g| g.new_connections_per_s)
+        .unwrap();
+    assert_eq!(peer.name, peer_name(&mine.id));
+    assert_eq!(peer.addr, PROVIDER_DECAP.parse::<IpAddr>().unwrap());
+    assert_eq!(peer.rate, Some(granted));
+    assert!(peer.weight > 0, "{peer:?}");
+    assert_eq!(
+        peer.encap,
+        Encap::Gue,
+        "the provider's preferred mode is GUE"
+    );
+    assert_eq!(peer.services, PeerServices::Only(vec!["web".to_owned()]));
+
+    // The provider accepts the primary's tunnels and serves its content on the service address.
+    assert_eq!(
+        decap_allowed(&pair.provider_dp),
+        vec![PRIMARY_TUNNEL_SOURCE.parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(pair.surrogate.tenants(), vec![theirs.id.clone()]);
+    let (status, body) = http_get(pair.service, HOST, "/index.html").await.unwrap();
+    assert_eq!((status, body.as_slice()), (200, PAGE));
+    let (status, _) = http_get(pair.service, HOST, "/not-in-the-manifest")
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 404,
+        "objects outside the manifest are never fetched"
+    );
+    let (status, _) = http_get(pair.service, "other.test", "/index.html")
+        .await
+        .unwrap();
+    assert_ne!(status, 200, "another host is not the primary's");
+    eventually("the hot set is prepositioned", || async {
+        let usage = pair.surrogate.usage(&theirs.id).ok_or("no usage")?;
+        if usage.origin_fetches >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{usage:?}"))
+        }
+    })
+    .await;
+
+    // Draining: no new flows (weight 0), the peer stays configured for the established ones.
+    pair.primary.steering().unwrap().drain(&mine).unwrap();
+    let drained = pair.primary_dp.lock().unwrap().peers().unwrap();
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert_eq!(drained[0].weight, 0, "{drained:?}");
+    assert_eq!(drained[0].rate, Some(granted), "{drained:?}");
+
+    // Disbanding undoes everything on both sides.
+    pair.primary
+        .backend()
+        .disband(mine.id.clone(), "the crowd is gone".to_owned())
+        .await
+        .unwrap();
+    eventually("the primary's peer is removed", || async {
+        let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+        if peers.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{peers:?}"))
+        }
+    })
+    .await;
+    eventually("the provider forgets the primary", || async {
+        let allowed = decap_allowed(&pair.provider_dp);
+        if allowed.is_empty() && pair.surrogate.tenants().is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "decap {allowed:?}, tenants {:?}",
+                pair.surrogate.tenants()
+            ))
+        }
+    })
+    .await;
+    eventually("the service address is closed", || async {
+        match http_get(pair.service, HOST, "/index.html").await {
+            Err(e) if e.contains("refused") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    pair.primary.shutdown().await;
+    pair.provider.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_the_primary_did_not_sign_refuses_the_activation_and_keeps_nothing() {
+    let pair = start_pair(62, true).await;
+    let outcome = negotiate(&pair.primary, 300).await;
+    assert_ne!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
+    assert!(pair.primary_dp.lock().unwrap().peers().unwrap().is_empty());
+    assert!(decap_allowed(&pair.provider_dp).is_empty());
+    assert!(pair.surrogate.tenants().is_empty());
+    let ended = arrangements(&pair.provider, Role::Provider);
+    assert!(
+        ended.iter().any(|a| a
+            .end_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("manifest"))),
+        "the provider records why: {:?}",
+        ended.iter().map(|a| &a.end_reason).collect::<Vec<_>>()
+    );
+    assert!(
+        http_get(pair.service, HOST, "/index.html").await.is_err(),
+        "nothing listens on the service address"
+    );
+    pair.primary.shutdown().await;
+    pair.provider.shutdown().await;
+}
+
+#[test]
+fn peer_names_fit_the_data_plane() {
+    let long = format!("a-{}", "0123456789abcdef".repeat(4));
+    let name = peer_name(&long);
+    assert!(name.len() <= 31, "{name}");
+    assert!(redirector_user::validate_name(&name).is_ok(), "{name}");
+    assert_eq!(peer_name(&long), name, "stable");
+    assert_eq!(peer_name("a-1"), "a-1");
+}
