@@ -144,10 +144,31 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// The usage ledger (read from this node's store; works with the daemon running or not).
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Content manifests: build and sign one, or verify and show one.
     Manifest {
         #[command(subcommand)]
         command: crate::manifest::cli::ManifestCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// One row per arrangement that was active: both sides' counts, their discrepancy in
+    /// percent, and the settlement.
+    Export {
+        #[arg(long, value_enum, default_value = "json")]
+        format: crate::accounting::Format,
+        /// Only this arrangement.
+        #[arg(long)]
+        arrangement: Option<String>,
+        /// Write to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -172,6 +193,62 @@ struct Subject {
     organisation: Option<String>,
 }
 
+/// `p2pcdn ledger export`: reads the store the config names (never creates one).
+fn ledger_export(
+    config_path: &Path,
+    format: crate::accounting::Format,
+    arrangement: Option<&str>,
+    out: Option<&Path>,
+) -> u8 {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => return fail(exit::DATAERR, e),
+    };
+    let path = config.store_path();
+    if !path.is_file() {
+        return fail(
+            exit::DATAERR,
+            format!(
+                "no store at {} (has `p2pcdn run` ever started with this config?)",
+                path.display()
+            ),
+        );
+    }
+    let store = match crate::store::Store::open(&path) {
+        Ok(store) => store,
+        Err(e) => return fail(exit::FAILURE, e),
+    };
+    let rows = match crate::accounting::ledger(&store, arrangement) {
+        Ok(rows) => rows,
+        Err(e) => return fail(exit::FAILURE, e),
+    };
+    if let Some(id) = arrangement
+        && rows.is_empty()
+    {
+        return fail(
+            exit::DATAERR,
+            format!(
+                "no arrangement {id:?} that was ever active in {}",
+                path.display()
+            ),
+        );
+    }
+    let text = match crate::accounting::export(&rows, format) {
+        Ok(text) => text,
+        Err(e) => return fail(exit::FAILURE, e),
+    };
+    match out {
+        Some(file) => match std::fs::write(file, &text) {
+            Ok(()) => exit::OK,
+            Err(e) => fail(exit::FAILURE, format!("{}: {e}", file.display())),
+        },
+        None => {
+            println!("{}", text.trim_end());
+            exit::OK
+        }
+    }
+}
+
 /// Entry point of the `p2pcdn` binary.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -193,6 +270,19 @@ pub fn main() -> ExitCode {
             force,
         } => init(&dir, &name, &organisation, force, cli.global.json),
         Command::Run => run(&cli.global.config),
+        Command::Ledger {
+            command:
+                LedgerCommand::Export {
+                    format,
+                    arrangement,
+                    out,
+                },
+        } => ledger_export(
+            &cli.global.config,
+            format,
+            arrangement.as_deref(),
+            out.as_deref(),
+        ),
         Command::Manifest { command } => {
             crate::manifest::cli::run(command, &cli.global.config, cli.global.json)
         }
@@ -495,7 +585,7 @@ async fn run_command(client: &AdminClient, command: Command, json: bool) -> Resu
                 a.end_reason.map(|r| format!(" ({r})")).unwrap_or_default()
             ));
         }
-        Command::Init { .. } | Command::Run | Command::Manifest { .. } => {
+        Command::Init { .. } | Command::Run | Command::Manifest { .. } | Command::Ledger { .. } => {
             return Err(exit::FAILURE);
         }
     }

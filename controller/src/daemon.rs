@@ -766,6 +766,16 @@ impl Core {
             limit: Some(usize::MAX),
             ..ArrangementFilter::default()
         })?;
+        if let Some(steering) = &self.steering {
+            // This side's counts first, so heartbeats (and their answers) carry fresh ones.
+            off_the_workers(|| {
+                for a in open.iter().filter(|a| a.state == State::Active) {
+                    if let Err(e) = steering.record_usage(a) {
+                        tracing::warn!(arrangement = %a.id, error = %e, "cannot count usage");
+                    }
+                }
+            });
+        }
         let mut heartbeats = JoinSet::new();
         for a in open {
             if self.stopping.load(Ordering::SeqCst) {

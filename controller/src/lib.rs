@@ -8,6 +8,7 @@
 //! [`admin`] is the operator API, and [`daemon`] wires them together for `p2pcdn run`.
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -30,10 +30,11 @@ use redirector_user::{Dataplane, Encap, PeerServices, PeerSpec};
 use tokio::sync::watch;
 
 use crate::{
+    accounting::{Reading, UsageCounter},
     model::{Role, now_ms},
     peering_agent::ArrangementHooks,
     proto::pb,
-    store::{ArrangementRecord, Store},
+    store::{ArrangementRecord, Store, UsageEntry, UsageKind, UsageSource},
     surrogate::{Budgets, Surrogate, Tenant},
 };
 
@@ -94,6 +95,8 @@ struct Inner {
     surrogate: Option<Surrogate>,
     settings: SteeringSettings,
     provider: Mutex<ProviderState>,
+    /// Keeps the ledger cumulative when data-plane counters restart.
+    counter: Mutex<UsageCounter>,
 }
 
 /// What active provider arrangements share, by user.
@@ -144,6 +147,7 @@ impl Steering {
                 surrogate,
                 settings,
                 provider: Mutex::new(ProviderState::default()),
+                counter: Mutex::new(UsageCounter::default()),
             }),
         }
     }
@@ -223,6 +227,64 @@ impl Steering {
         Ok(stats.peer(&name).cloned())
     }
 
+    /// This side's raw counts of an active arrangement, `None` when the data plane has none:
+    /// the primary's are the XDP counters of the arrangement's peer (connections steered,
+    /// packets and bytes tunnelled); the provider's are the requests its surrogate answered
+    /// for the arrangement.
+    pub fn usage(&self, a: &ArrangementRecord) -> Result<Option<Reading>, String> {
+        match a.role {
+            Role::Primary => Ok(self.peer_counters(a)?.map(|c| Reading {
+                connections: c.connections,
+                bytes: c.bytes,
+                packets: c.packets,
+            })),
+            Role::Provider => Ok(self
+                .inner
+                .surrogate
+                .as_ref()
+                .and_then(|s| s.usage(&a.id))
+                .map(|u| Reading {
+                    connections: u.requests,
+                    bytes: 0,
+                    packets: 0,
+                })),
+        }
+    }
+
+    /// Records this side's cumulative counts of active arrangement `a` in the usage ledger
+    /// (source `local`); heartbeats and the disband carry them to the peer.
+    pub fn record_usage(&self, a: &ArrangementRecord) -> Result<(), String> {
+        let Some(raw) = self.usage(a)? else {
+            return Ok(());
+        };
+        let store = &self.inner.store;
+        let (recorded, _) = store.usage_totals(&a.id).map_err(|e| e.to_string())?;
+        let total = lock(&self.inner.counter).total(&a.id, raw, recorded.into());
+        if total == Reading::from(recorded) && recorded.at_ms != 0 {
+            return Ok(());
+        }
+        store
+            .record_usage(&UsageEntry {
+                arrangement: a.id.clone(),
+                at_ms: now_ms(),
+                source: UsageSource::Local,
+                kind: UsageKind::Heartbeat,
+                connections: total.connections,
+                bytes: total.bytes,
+                packets: total.packets,
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The last count before the data plane forgets the arrangement.
+    fn record_last_usage(&self, a: &ArrangementRecord) {
+        if let Err(e) = self.record_usage(a) {
+            tracing::warn!(arrangement = %a.id, error = %e, "cannot record the last usage count");
+        }
+        lock(&self.inner.counter).forget(&a.id);
+    }
+
     fn activate_primary(&self, a: &ArrangementRecord) -> Result<(), String> {
         let spec = self.peer_spec(a)?;
         let mut dp = lock(&self.inner.dataplane);
@@ -234,6 +296,7 @@ impl Steering {
     }
 
     fn end_primary(&self, a: &ArrangementRecord) {
+        self.record_last_usage(a);
         let name = peer_name(&a.id);
         let mut dp = lock(&self.inner.dataplane);
         match dp.remove_peer(&name) {
@@ -417,6 +480,7 @@ impl Steering {
     }
 
     fn end_provider(&self, a: &ArrangementRecord) {
+        self.record_last_usage(a);
         if let Some(surrogate) = &self.inner.surrogate {
             surrogate.remove_tenant(&a.id);
         }

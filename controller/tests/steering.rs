@@ -25,6 +25,7 @@ use std::{
 
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::get};
 use p2pcdn_controller::{
+    accounting,
     admin::{NegotiateRequest, NegotiationState},
     daemon::{self, Node, Options, testbed},
     identity::NodeIdentity,
@@ -144,6 +145,7 @@ struct Pair {
     provider_dp: SharedDataplane,
     surrogate: Surrogate,
     service: SocketAddr,
+    provider_config: std::path::PathBuf,
 }
 
 /// Starts the provider and the primary; `sign_with_other_key` makes the manifest the origin
@@ -257,6 +259,7 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
         provider_dp,
         surrogate,
         service,
+        provider_config: provider_prep.config_path.clone(),
     }
 }
 
@@ -392,8 +395,55 @@ async fn an_active_arrangement_is_steered_served_and_undone() {
         }
     })
     .await;
+
+    // Accounting: the provider counted the two requests routed to the arrangement, and has
+    // the primary's final count; the ledger export shows both.
+    let rows = eventually("the provider's ledger row is final", || async {
+        let rows = accounting::ledger(pair.provider.store(), None).map_err(|e| e.to_string())?;
+        match rows.as_slice() {
+            [row] if row.peer_final && row.state == "disbanded" => Ok(rows),
+            _ => Err(format!("{rows:?}")),
+        }
+    })
+    .await;
+    assert_eq!(rows[0].arrangement, theirs.id);
+    assert_eq!(rows[0].role, "provider");
+    assert_eq!(rows[0].local_connections, 2, "{:?}", rows[0]);
+    assert_eq!(rows[0].service, "web");
     pair.primary.shutdown().await;
     pair.provider.shutdown().await;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_p2pcdn"))
+        .args(["ledger", "export", "--format", "csv", "--config"])
+        .arg(&pair.provider_config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let mut lines = csv.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("arrangement,role,peer,service")
+    );
+    let line = lines.next().unwrap();
+    assert!(
+        line.starts_with(&format!("{},provider,", theirs.id)),
+        "{csv}"
+    );
+    assert_eq!(lines.next(), None, "{csv}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_p2pcdn"))
+        .args(["ledger", "export", "--arrangement", "a-none", "--config"])
+        .arg(&pair.provider_config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a-none"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
