@@ -6,6 +6,7 @@
 //! socket address "x"`. Relative paths resolve against the directory of the config file.
 //! docs/operations.md is the reference of every key.
 
+mod dataplane;
 mod template;
 
 use std::{
@@ -17,6 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use dataplane::{DataplaneConfig, SurrogateSection};
 use serde::{Deserialize, Deserializer, de::Error as _};
 
 use crate::{
@@ -95,6 +97,12 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// The XDP redirector this node programs; `None`: control plane only.
+    #[serde(default)]
+    pub dataplane: Option<DataplaneConfig>,
+    /// The surrogate serving primaries' content here; `None`: no content is served.
+    #[serde(default)]
+    pub surrogate: Option<SurrogateSection>,
 }
 
 /// `[node]`: who this node is and where it listens for peers.
@@ -568,6 +576,10 @@ pub struct ServiceConfig {
     /// How long arrangements for it are requested, seconds (1 to 604800); default 3600.
     #[serde(default = "default_duration_s")]
     pub duration_s: u64,
+    /// New connections/s the origin behind it takes (the data plane's local admission rate);
+    /// default `resources.new_connections_per_s`.
+    #[serde(default)]
+    pub capacity_conn_per_s: Option<u32>,
 }
 
 impl ServiceConfig {
@@ -657,6 +669,64 @@ impl Config {
         if let Some(ca) = self.tls.ca_bundle.as_mut() {
             resolve(ca);
         }
+        let data_dir = self.node.data_dir.clone();
+        if let Some(s) = self.surrogate.as_mut() {
+            match s.dir.as_mut() {
+                Some(dir) => resolve(dir),
+                None => s.dir = Some(data_dir.join("surrogate")),
+            }
+        }
+    }
+
+    /// `[dataplane]`, `[surrogate]` and the services' capacities.
+    fn validate_dataplane(&self) -> Result<(), ConfigError> {
+        if let Some(d) = &self.dataplane {
+            redirector_user::validate_iface(&d.iface)
+                .map_err(|e| self.invalid("dataplane.iface", e.to_string()))?;
+            range(self, "dataplane.mtu", u64::from(d.mtu), 576, 65_535)?;
+        }
+        if let Some(s) = &self.surrogate {
+            range(
+                self,
+                "surrogate.memory_bytes",
+                s.memory_bytes,
+                1 << 20,
+                u64::MAX,
+            )?;
+            range(
+                self,
+                "surrogate.disk_bytes",
+                s.disk_bytes,
+                1 << 20,
+                u64::MAX,
+            )?;
+            range(
+                self,
+                "surrogate.max_object_bytes",
+                s.max_object_bytes,
+                1,
+                u64::MAX,
+            )?;
+            range(
+                self,
+                "surrogate.arrangement_bytes",
+                s.arrangement_bytes,
+                1,
+                u64::MAX,
+            )?;
+            if s.listen.is_some_and(|a| a.port() == 0) {
+                return Err(self.invalid("surrogate.listen", "needs a port"));
+            }
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            if svc.capacity_conn_per_s == Some(0) {
+                return Err(self.invalid(
+                    format!("services[{i}].capacity_conn_per_s"),
+                    "must be at least 1 (leave it out for resources.new_connections_per_s)",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -693,6 +763,7 @@ impl Config {
 
     /// Checks that need more than one value.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_dataplane()?;
         let n = &self.node;
         if n.listen.ip().is_unspecified() && n.advertise_control.is_none() {
             return Err(self.invalid(

@@ -20,6 +20,7 @@
 pub mod testbed;
 
 mod backend;
+mod wiring;
 
 use std::{
     collections::HashMap,
@@ -142,6 +143,10 @@ pub enum DaemonError {
     Discovery(#[from] discovery::DiscoveryError),
     #[error("admin api: {0}")]
     Admin(#[from] admin::AdminError),
+    #[error("data plane: {0}")]
+    Dataplane(String),
+    #[error("surrogate: {0}")]
+    Surrogate(String),
 }
 
 impl DaemonError {
@@ -154,11 +159,34 @@ impl DaemonError {
 /// `p2pcdn run`: start, serve until SIGINT or SIGTERM, then shut down (arrangements stay as
 /// they are: a restart re-confirms them).
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let node = start(config, Options::default()).await?;
+    let options = wiring::options(&config).await?;
+    let redirect_listener = match config.surrogate.as_ref().and_then(|s| s.listen) {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let surrogate = options.surrogate.clone();
+    let node = start(config, options).await?;
+    let (stop_surrogate, surrogate_stopped) = watch::channel(false);
+    if let (Some(listener), Some(surrogate)) = (redirect_listener, surrogate) {
+        tokio::spawn(async move {
+            let mut stopped = surrogate_stopped;
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = surrogate.serve(listener, None, shutdown).await {
+                tracing::error!(error = %e, "the surrogate stopped serving");
+            }
+        });
+    }
     tracing::info!(fingerprint = %node.fingerprint(), control = %node.control_addr(),
         gossip = %node.gossip_addr(), admin = %node.admin_addr(), "p2pcdn running");
     wait_for_signal().await;
     tracing::info!("shutting down");
+    let _ = stop_surrogate.send(true);
     node.shutdown().await;
     Ok(())
 }
