@@ -253,6 +253,40 @@ impl Node {
         &self.core.store
     }
 
+    /// Ends every active primary arrangement of `service` gracefully (drain, then disband
+    /// with reason "crowd over"); returns the arrangements as they ended.
+    pub async fn retire_service(
+        &self,
+        service: &str,
+        detail: &str,
+        drain: Drain,
+    ) -> Result<Vec<ArrangementRecord>, StoreError> {
+        let active = self.core.store.arrangements(&ArrangementFilter {
+            role: Some(Role::Primary),
+            states: vec![State::Active],
+            limit: Some(usize::MAX),
+            ..ArrangementFilter::default()
+        })?;
+        let mut retiring = JoinSet::new();
+        for a in active
+            .into_iter()
+            .filter(|a| a.service.as_ref().is_some_and(|s| s.name == service))
+        {
+            let core = self.core.clone();
+            let cause = DisbandCause::new(pb::DisbandReason::CrowdOver, detail);
+            retiring.spawn(async move { core.retire(&a.id, cause, drain).await });
+        }
+        let mut ended = Vec::new();
+        while let Some(done) = retiring.join_next().await {
+            match done {
+                Ok(Ok(record)) => ended.push(record),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot retire an arrangement"),
+                Err(e) => tracing::warn!(error = %e, "retiring task failed"),
+            }
+        }
+        Ok(ended)
+    }
+
     /// The data-plane side of arrangements, when the node was started with a data plane.
     pub fn steering(&self) -> Option<&Steering> {
         self.core.steering.as_ref()
@@ -638,6 +672,28 @@ pub(crate) struct Recovered {
     cancelled: Vec<ArrangementRecord>,
     /// Arrangements that were disbanding: finish.
     disbanding: Vec<ArrangementRecord>,
+}
+
+/// How long [`Core::retire`] waits for steered flows to go quiet.
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    /// No packet to the provider for this long: drained.
+    pub quiet: Duration,
+    /// Disband after this long whatever the flows do.
+    pub max: Duration,
+    /// How often the counters are read.
+    pub poll: Duration,
+}
+
+impl Default for Drain {
+    /// 2 s quiet, at most 60 s, counters read every 200 ms.
+    fn default() -> Self {
+        Self {
+            quiet: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+            poll: Duration::from_millis(200),
+        }
+    }
 }
 
 /// Why an arrangement is being disbanded, as recorded and as sent.
@@ -1056,6 +1112,60 @@ impl Core {
         }
         Self::lock(&self.misses).remove(&a.id);
         Self::lock(&self.unconfirmed).remove(&a.id);
+    }
+
+    /// Ends primary arrangement `id` gracefully: no new flows to the provider (weight 0),
+    /// then waits until its steered flows are quiet (no packet for `drain.quiet`, at most
+    /// `drain.max`), then disbands. Without a data plane it disbands at once.
+    pub(crate) async fn retire(
+        &self,
+        id: &str,
+        cause: DisbandCause,
+        drain: Drain,
+    ) -> Result<ArrangementRecord, DisbandError> {
+        let a = self
+            .store
+            .arrangement(id)?
+            .ok_or_else(|| DisbandError::Unknown(id.to_owned()))?;
+        if let Some(steering) = self.steering.clone()
+            && a.role == Role::Primary
+            && a.state == State::Active
+        {
+            let record = a.clone();
+            let drained = tokio::task::spawn_blocking({
+                let steering = steering.clone();
+                let record = record.clone();
+                move || steering.drain(&record)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            match drained {
+                Ok(()) => {
+                    tracing::info!(arrangement = %id, "draining: no new flows to the provider");
+                    let started = tokio::time::Instant::now();
+                    let mut last = None;
+                    let mut quiet_since = started;
+                    while started.elapsed() < drain.max {
+                        let packets = off_the_workers(|| steering.peer_counters(&record))
+                            .ok()
+                            .flatten()
+                            .map(|c| c.packets);
+                        if packets != last {
+                            last = packets;
+                            quiet_since = tokio::time::Instant::now();
+                        } else if quiet_since.elapsed() >= drain.quiet {
+                            break;
+                        }
+                        tokio::time::sleep(drain.poll).await;
+                    }
+                    tracing::info!(arrangement = %id, waited_ms = started.elapsed().as_millis(),
+                        "drained");
+                }
+                Err(e) => tracing::warn!(arrangement = %id, error = %e,
+                    "cannot drain; disbanding at once"),
+            }
+        }
+        self.disband(id, cause).await
     }
 
     async fn disband_logged(&self, id: &str, cause: DisbandCause) {

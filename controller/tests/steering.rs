@@ -27,7 +27,7 @@ use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::get};
 use p2pcdn_controller::{
     accounting,
     admin::{NegotiateRequest, NegotiationState},
-    daemon::{self, Node, Options, testbed},
+    daemon::{self, Drain, Node, Options, testbed},
     identity::NodeIdentity,
     manifest::{self, BuildOptions},
     model::{Role, now_ms},
@@ -361,12 +361,35 @@ async fn an_active_arrangement_is_steered_served_and_undone() {
     assert_eq!(drained[0].weight, 0, "{drained:?}");
     assert_eq!(drained[0].rate, Some(granted), "{drained:?}");
 
-    // Disbanding undoes everything on both sides.
-    pair.primary
-        .backend()
-        .disband(mine.id.clone(), "the crowd is gone".to_owned())
+    // Retiring (the crowd is over): drained, then disbanded; undone on both sides.
+    let drain = Drain {
+        quiet: Duration::from_millis(300),
+        max: Duration::from_secs(5),
+        poll: Duration::from_millis(50),
+    };
+    let started = Instant::now();
+    let ended = pair
+        .primary
+        .retire_service("web", "load below the low-water mark", drain)
         .await
         .unwrap();
+    assert!(
+        started.elapsed() >= drain.quiet,
+        "it waited for the flows to go quiet"
+    );
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].id, mine.id);
+    assert_eq!(
+        ended[0].state,
+        p2pcdn_controller::proto::pb::ArrangementState::Disbanded
+    );
+    assert!(
+        ended[0]
+            .end_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("low-water")),
+        "{ended:?}"
+    );
     eventually("the primary's peer is removed", || async {
         let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
         if peers.is_empty() {
