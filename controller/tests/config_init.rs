@@ -195,6 +195,19 @@ const KEYS: &[&str] = &[
     "services.host_names",
     "services.manifest_url",
     "services.duration_s",
+    "services.capacity_conn_per_s",
+    "dataplane.iface",
+    "dataplane.pin_root",
+    "dataplane.install_services",
+    "dataplane.mtu",
+    "dataplane.manage_loopback",
+    "surrogate.listen",
+    "surrogate.dir",
+    "surrogate.memory_bytes",
+    "surrogate.disk_bytes",
+    "surrogate.max_object_bytes",
+    "surrogate.arrangement_bytes",
+    "surrogate.allow_origin",
 ];
 
 /// `key = value` lines of the file, commented out or not, with the table they are in and
@@ -259,7 +272,7 @@ fn the_commented_examples_are_valid_values() {
     let mut uncommented = String::new();
     for line in text.lines() {
         let example = line.strip_prefix("# ").filter(|rest| {
-            rest.starts_with("[[")
+            rest.starts_with('[')
                 || rest.split_once(" = ").is_some_and(|(k, _)| {
                     k.chars()
                         .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
@@ -277,4 +290,6 @@ fn the_commented_examples_are_valid_values() {
     assert_eq!(config.policy.long_term[0].agreement_id, "acme-2025");
     assert_eq!(config.admin.clients[0].fingerprint, report.fingerprint);
     assert_eq!(config.resources.effective_modes().len(), 3);
+    assert_eq!(config.dataplane.unwrap().iface, "eth0");
+    assert_eq!(config.surrogate.unwrap().memory_bytes, 256 << 20);
 }

@@ -193,4 +193,24 @@ negotiation_timeout_ms = 3000
 # host_names = ["video.example.net"]           # HTTP host names; default []
 # manifest_url = "https://origin.example.net/video/manifest"   # default none
 # duration_s = 3600                            # arrangements requested for, 1 to 604800 s
+# capacity_conn_per_s = 1000                   # local admission; default resources.new_connections_per_s
+
+# The XDP redirector this node programs (attach it first: p2pcdn-redirector -i IFACE attach).
+# Without this section the node negotiates but steers nothing and allows no tunnels.
+# [dataplane]
+# iface = "eth0"                               # the interface the redirector is attached to
+# pin_root = "/sys/fs/bpf/p2pcdn"              # where its maps are pinned
+# install_services = true                      # write [[services]] into the data plane at start
+# mtu = 1500                                   # path MTU to providers (MSS clamping), 576 to 65535
+# manage_loopback = true                       # provider: primaries' service addresses on lo
+
+# The surrogate that serves primaries' content under this node's provider arrangements.
+# [surrogate]
+# listen = "0.0.0.0:8080"                      # also for redirected clients; default none
+# dir = "/var/lib/p2pcdn/surrogate"            # disk tier; default <data_dir>/surrogate
+# memory_bytes = 268435456                     # memory tier, all arrangements; default 256 MiB
+# disk_bytes = 10737418240                     # disk tier, all arrangements; default 10 GiB
+# max_object_bytes = 1073741824                # largest object per arrangement; default 1 GiB
+# arrangement_bytes = 1073741824               # stored per arrangement; default 1 GiB
+# allow_origin = "https://shop.example.net"    # Access-Control-Allow-Origin; default none
 "#;
