@@ -19,6 +19,7 @@
 
 pub mod testbed;
 
+mod autopilot;
 mod backend;
 mod wiring;
 
@@ -32,6 +33,7 @@ use std::{
     time::Duration,
 };
 
+pub use autopilot::LoadEvent;
 use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
@@ -89,6 +91,8 @@ pub struct Options {
     pub surrogate: Option<Surrogate>,
     /// How arrangements are put into the data plane and the surrogate.
     pub steering: SteeringSettings,
+    /// How retiring an arrangement waits for its steered flows to go quiet.
+    pub drain: Drain,
 }
 
 impl Default for Options {
@@ -101,6 +105,7 @@ impl Default for Options {
             dataplane: None,
             surrogate: None,
             steering: SteeringSettings::default(),
+            drain: Drain::default(),
         }
     }
 }
@@ -114,6 +119,7 @@ impl std::fmt::Debug for Options {
             .field("dataplane", &self.dataplane.is_some())
             .field("surrogate", &self.surrogate.is_some())
             .field("steering", &self.steering)
+            .field("drain", &self.drain)
             .finish_non_exhaustive()
     }
 }
@@ -211,6 +217,7 @@ async fn wait_for_signal() {
 pub struct Node {
     core: Arc<Core>,
     backend: Arc<dyn admin::AdminBackend>,
+    load_events: tokio::sync::mpsc::Sender<LoadEvent>,
     discovery: Option<Discovery>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -261,30 +268,12 @@ impl Node {
         detail: &str,
         drain: Drain,
     ) -> Result<Vec<ArrangementRecord>, StoreError> {
-        let active = self.core.store.arrangements(&ArrangementFilter {
-            role: Some(Role::Primary),
-            states: vec![State::Active],
-            limit: Some(usize::MAX),
-            ..ArrangementFilter::default()
-        })?;
-        let mut retiring = JoinSet::new();
-        for a in active
-            .into_iter()
-            .filter(|a| a.service.as_ref().is_some_and(|s| s.name == service))
-        {
-            let core = self.core.clone();
-            let cause = DisbandCause::new(pb::DisbandReason::CrowdOver, detail);
-            retiring.spawn(async move { core.retire(&a.id, cause, drain).await });
-        }
-        let mut ended = Vec::new();
-        while let Some(done) = retiring.join_next().await {
-            match done {
-                Ok(Ok(record)) => ended.push(record),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot retire an arrangement"),
-                Err(e) => tracing::warn!(error = %e, "retiring task failed"),
-            }
-        }
-        Ok(ended)
+        retire_service(&self.core, service, detail, drain).await
+    }
+
+    /// Where the load monitor's events go (the flash-crowd loop acts on them).
+    pub fn load_events(&self) -> tokio::sync::mpsc::Sender<LoadEvent> {
+        self.load_events.clone()
     }
 
     /// The data-plane side of arrangements, when the node was started with a data plane.
@@ -604,6 +593,14 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         let rx = stop_rx.clone();
         tasks.spawn(async move { core.maintain(recovered, rx).await });
     }
+    let (load_events, load_rx) = tokio::sync::mpsc::channel(autopilot::EVENT_QUEUE);
+    {
+        let core = core.clone();
+        let backend = backend.clone();
+        let rx = stop_rx.clone();
+        let drain = core.options.drain;
+        tasks.spawn(autopilot::run(core, backend, load_rx, drain, rx));
+    }
     {
         let refresh = core.refresh.clone();
         let trigger = discovery.refresher();
@@ -625,10 +622,44 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
     Ok(Node {
         core,
         backend,
+        load_events,
         discovery: Some(discovery),
         stop,
         tasks,
     })
+}
+
+/// Ends every active primary arrangement of `service` gracefully, all at once.
+async fn retire_service(
+    core: &Arc<Core>,
+    service: &str,
+    detail: &str,
+    drain: Drain,
+) -> Result<Vec<ArrangementRecord>, StoreError> {
+    let active = core.store.arrangements(&ArrangementFilter {
+        role: Some(Role::Primary),
+        states: vec![State::Active],
+        limit: Some(usize::MAX),
+        ..ArrangementFilter::default()
+    })?;
+    let mut retiring = JoinSet::new();
+    for a in active
+        .into_iter()
+        .filter(|a| a.service.as_ref().is_some_and(|s| s.name == service))
+    {
+        let core = core.clone();
+        let cause = DisbandCause::new(pb::DisbandReason::CrowdOver, detail);
+        retiring.spawn(async move { core.retire(&a.id, cause, drain).await });
+    }
+    let mut ended = Vec::new();
+    while let Some(done) = retiring.join_next().await {
+        match done {
+            Ok(Ok(record)) => ended.push(record),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot retire an arrangement"),
+            Err(e) => tracing::warn!(error = %e, "retiring task failed"),
+        }
+    }
+    Ok(ended)
 }
 
 /// `share` percent of `capacity`.

@@ -27,7 +27,7 @@ use axum::{Router, body::Bytes, extract::State, http::StatusCode, routing::get};
 use p2pcdn_controller::{
     accounting,
     admin::{NegotiateRequest, NegotiationState},
-    daemon::{self, Drain, Node, Options, testbed},
+    daemon::{self, Drain, LoadEvent, Node, Options, testbed},
     identity::NodeIdentity,
     manifest::{self, BuildOptions},
     model::{Role, now_ms},
@@ -232,6 +232,11 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
         Options {
             dataplane: Some(primary_dp.clone()),
             steering: settings,
+            drain: Drain {
+                quiet: Duration::from_millis(300),
+                max: Duration::from_secs(5),
+                poll: Duration::from_millis(50),
+            },
             ..Options::default()
         },
     )
@@ -490,6 +495,59 @@ async fn a_manifest_the_primary_did_not_sign_refuses_the_activation_and_keeps_no
         http_get(pair.service, HOST, "/index.html").await.is_err(),
         "nothing listens on the service address"
     );
+    pair.primary.shutdown().await;
+    pair.provider.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_events_negotiate_on_overload_and_retire_on_recovery() {
+    let pair = start_pair(63, false).await;
+    let events = pair.primary.load_events();
+    events
+        .send(LoadEvent::Overloaded {
+            service: "web".to_owned(),
+            deficit_conn_per_s: 240,
+            reason: "arrivals at 150 % of capacity".to_owned(),
+        })
+        .await
+        .unwrap();
+    let peer = eventually("the overload is covered by a steered provider", || async {
+        let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+        match peers.as_slice() {
+            [p] => Ok(p.clone()),
+            _ => Err(format!("{peers:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        peer.rate,
+        Some(240),
+        "the deficit is what is asked for: {peer:?}"
+    );
+    assert_eq!(pair.surrogate.tenants().len(), 1);
+
+    events
+        .send(LoadEvent::Recovered {
+            service: "web".to_owned(),
+        })
+        .await
+        .unwrap();
+    eventually("the crowd is over: drained and disbanded", || async {
+        let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+        let ended = arrangements(&pair.primary, Role::Primary);
+        let disbanded = ended.iter().any(|a| {
+            a.state == p2pcdn_controller::proto::pb::ArrangementState::Disbanded
+                && a.end_reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("low-water"))
+        });
+        if peers.is_empty() && disbanded && pair.surrogate.tenants().is_empty() {
+            Ok(())
+        } else {
+            Err(format!("peers {peers:?}, arrangements {ended:?}"))
+        }
+    })
+    .await;
     pair.primary.shutdown().await;
     pair.provider.shutdown().await;
 }
