@@ -349,6 +349,10 @@ impl ArrangementHooks for RefreshingHooks {
         off_the_workers(|| self.inner.ended(arrangement));
         self.refresh.notify_one();
     }
+
+    fn count(&self, arrangement: &ArrangementRecord) {
+        off_the_workers(|| self.inner.count(arrangement));
+    }
 }
 
 /// Two hooks in turn: the second is told of an activation only if the first accepted it, and
@@ -367,6 +371,11 @@ impl ArrangementHooks for ChainedHooks {
     fn ended(&self, arrangement: &ArrangementRecord) {
         self.first.ended(arrangement);
         self.then.ended(arrangement);
+    }
+
+    fn count(&self, arrangement: &ArrangementRecord) {
+        self.first.count(arrangement);
+        self.then.count(arrangement);
     }
 }
 
@@ -1118,6 +1127,9 @@ impl Core {
     fn end_locally(&self, a: &ArrangementRecord, detail: &str, peer_final: Option<&pb::Usage>) {
         if let Some(usage) = peer_final {
             self.record_peer_usage(&a.id, usage, UsageKind::Final);
+        }
+        if a.state == State::Active {
+            self.hooks.count(a);
         }
         let ours = self.local_usage(&a.id);
         let settlement = a.terms.as_ref().map(|t| settle(t, &ours, 0));

@@ -45,6 +45,9 @@ pub trait ArrangementHooks: Send + Sync + 'static {
     fn activated(&self, arrangement: &ArrangementRecord) -> Result<(), String>;
     /// The arrangement ended (disbanded or cancelled) on this node.
     fn ended(&self, arrangement: &ArrangementRecord);
+    /// Record this side's latest usage count of the active arrangement in the ledger now
+    /// (before a heartbeat answer or a final count is taken from it). Default: nothing.
+    fn count(&self, _arrangement: &ArrangementRecord) {}
 }
 
 /// Hooks that only log (a control plane without a data plane: tests, dry runs).
@@ -559,6 +562,9 @@ impl pb::peering_server::Peering for Agent {
                 })
                 .map_err(store_status)?;
         }
+        if a.state == State::Active {
+            self.inner.hooks.count(&a);
+        }
         Ok(Response::new(pb::HeartbeatReply {
             state: a.state as i32,
             usage: Some(self.local_usage(&a.id)),
@@ -587,6 +593,9 @@ impl pb::peering_server::Peering for Agent {
                     packets: usage.packets,
                 })
                 .map_err(store_status)?;
+        }
+        if a.state == State::Active {
+            self.inner.hooks.count(&a);
         }
         let ours = self.local_usage(&a.id);
         let settlement = a.terms.as_ref().map(|t| negotiation::settle(t, &ours, 0));

@@ -532,6 +532,12 @@ impl ArrangementHooks for Steering {
             Role::Provider => self.end_provider(a),
         }
     }
+
+    fn count(&self, a: &ArrangementRecord) {
+        if let Err(e) = self.record_usage(a) {
+            tracing::warn!(arrangement = %a.id, error = %e, "cannot count usage");
+        }
+    }
 }
 
 /// The provider's decapsulation address: IPv4 if it has one, else IPv6.
