@@ -45,6 +45,7 @@ use crate::{
     admin,
     config::Config,
     discovery::{self, Discovery},
+    health::{self, ProbeSettings},
     identity::{IdentityError, NodeIdentity},
     model::{Fingerprint, Role, UnixMs, now_ms},
     negotiation::{LocalEndpoints, Negotiator},
@@ -93,6 +94,8 @@ pub struct Options {
     pub steering: SteeringSettings,
     /// How retiring an arrangement waits for its steered flows to go quiet.
     pub drain: Drain,
+    /// How a primary probes its providers' data path.
+    pub probes: ProbeSettings,
 }
 
 impl Default for Options {
@@ -106,6 +109,7 @@ impl Default for Options {
             surrogate: None,
             steering: SteeringSettings::default(),
             drain: Drain::default(),
+            probes: ProbeSettings::default(),
         }
     }
 }
@@ -120,6 +124,7 @@ impl std::fmt::Debug for Options {
             .field("surrogate", &self.surrogate.is_some())
             .field("steering", &self.steering)
             .field("drain", &self.drain)
+            .field("probes", &self.probes)
             .finish_non_exhaustive()
     }
 }
@@ -324,6 +329,12 @@ pub(crate) struct Core {
     started_ms: UnixMs,
     /// Heartbeats missed in a row, per primary arrangement.
     misses: Mutex<HashMap<String, u32>>,
+    /// Data-path probes failed in a row, per primary arrangement.
+    probe_failures: Mutex<HashMap<String, u32>>,
+    /// Primary arrangements degraded by failed probes, since when.
+    degraded: Mutex<HashMap<String, std::time::Instant>>,
+    /// SLA breaches counted per primary arrangement (for the settlement).
+    breaches: Mutex<HashMap<String, u32>>,
     /// Primary arrangements recovered at start, not yet re-confirmed by their provider.
     unconfirmed: Mutex<std::collections::HashSet<String>>,
     running_negotiations: AtomicU64,
@@ -566,6 +577,9 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         admin_addr,
         started_ms,
         misses: Mutex::new(HashMap::new()),
+        probe_failures: Mutex::new(HashMap::new()),
+        degraded: Mutex::new(HashMap::new()),
+        breaches: Mutex::new(HashMap::new()),
         unconfirmed: Mutex::new(std::collections::HashSet::new()),
         running_negotiations: AtomicU64::new(0),
         refresh,
@@ -609,6 +623,12 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         let rx = stop_rx.clone();
         let drain = core.options.drain;
         tasks.spawn(autopilot::run(core, backend, load_rx, drain, rx));
+    }
+    if core.steering.is_some() {
+        let core = core.clone();
+        let events = load_events.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move { core.probe_providers(events, rx).await });
     }
     {
         let refresh = core.refresh.clone();
@@ -1132,7 +1152,10 @@ impl Core {
             self.hooks.count(a);
         }
         let ours = self.local_usage(&a.id);
-        let settlement = a.terms.as_ref().map(|t| settle(t, &ours, 0));
+        let settlement = a
+            .terms
+            .as_ref()
+            .map(|t| settle(t, &ours, self.breaches_of(&a.id)));
         match self.store.transition(
             &a.id,
             &[State::Active, State::Disbanding],
@@ -1155,6 +1178,147 @@ impl Core {
         }
         Self::lock(&self.misses).remove(&a.id);
         Self::lock(&self.unconfirmed).remove(&a.id);
+    }
+
+    /// SLA breaches counted for arrangement `id`.
+    fn breaches_of(&self, id: &str) -> u32 {
+        Self::lock(&self.breaches).get(id).copied().unwrap_or(0)
+    }
+
+    /// Probes the providers of active primary arrangements until `stop` (see [`health`]).
+    async fn probe_providers(
+        self: Arc<Self>,
+        events: tokio::sync::mpsc::Sender<LoadEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let settings = self.options.probes;
+        let mut ticker = tokio::time::interval(settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let active = match self.store.arrangements(&ArrangementFilter {
+                role: Some(Role::Primary),
+                states: vec![State::Active],
+                limit: Some(usize::MAX),
+                ..ArrangementFilter::default()
+            }) {
+                Ok(active) => active,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list arrangements to probe");
+                    continue;
+                }
+            };
+            let mut probes = JoinSet::new();
+            for a in active {
+                let Some(target) = self.probe_target(&a) else {
+                    continue;
+                };
+                probes.spawn(async move {
+                    let result = health::probe(&target, settings.timeout).await;
+                    (a, result)
+                });
+            }
+            while let Some(done) = probes.join_next().await {
+                if let Ok((a, result)) = done {
+                    self.probe_result(&a, result, &events).await;
+                }
+            }
+        }
+    }
+
+    fn probe_target(&self, a: &ArrangementRecord) -> Option<health::Target> {
+        let surrogate = a
+            .peer_endpoints
+            .as_ref()
+            .map(|e| e.surrogate_url.trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty());
+        match surrogate {
+            Some(base) => Some(health::Target::Http {
+                url: format!("{base}/{}/", self.identity.fingerprint),
+            }),
+            None => self
+                .control_of(a)
+                .map(|endpoint| health::Target::Tcp { endpoint }),
+        }
+    }
+
+    async fn probe_result(
+        self: &Arc<Self>,
+        a: &ArrangementRecord,
+        result: Result<Duration, String>,
+        events: &tokio::sync::mpsc::Sender<LoadEvent>,
+    ) {
+        let Some(steering) = self.steering.clone() else {
+            return;
+        };
+        let settings = self.options.probes;
+        match result {
+            Ok(rtt) => {
+                metrics::histogram!("p2pcdn_probe_ms").record(rtt.as_secs_f64() * 1000.0);
+                Self::lock(&self.probe_failures).remove(&a.id);
+                if Self::lock(&self.degraded).remove(&a.id).is_some() {
+                    match off_the_workers(|| steering.activated(a)) {
+                        Ok(()) => tracing::info!(arrangement = %a.id, peer = %a.peer.short(),
+                            "provider healthy again: steering to it again"),
+                        Err(e) => tracing::warn!(arrangement = %a.id, error = %e,
+                            "cannot steer to the provider again"),
+                    }
+                }
+            }
+            Err(why) => {
+                metrics::counter!("p2pcdn_probe_failures_total").increment(1);
+                let failures = {
+                    let mut all = Self::lock(&self.probe_failures);
+                    let n = all.entry(a.id.clone()).or_insert(0);
+                    *n = n.saturating_add(1);
+                    *n
+                };
+                let since = Self::lock(&self.degraded).get(&a.id).copied();
+                match since {
+                    None if failures >= settings.failures => {
+                        Self::lock(&self.degraded).insert(a.id.clone(), std::time::Instant::now());
+                        *Self::lock(&self.breaches).entry(a.id.clone()).or_insert(0) += 1;
+                        metrics::counter!("p2pcdn_sla_breaches_total").increment(1);
+                        if let Err(e) = off_the_workers(|| steering.drain(a)) {
+                            tracing::warn!(arrangement = %a.id, error = %e,
+                                "cannot take the failing provider out of the Maglev table");
+                        }
+                        tracing::warn!(arrangement = %a.id, peer = %a.peer.short(), failures,
+                            error = %why, "provider failing its probes: degraded, no new flows");
+                        let granted = a
+                            .terms
+                            .as_ref()
+                            .and_then(|t| t.granted.as_ref())
+                            .map_or(0, |g| g.new_connections_per_s);
+                        if let Some(service) = a.service.as_ref().map(|s| s.name.clone())
+                            && granted > 0
+                        {
+                            let _ = events.try_send(LoadEvent::MoreNeeded {
+                                service,
+                                deficit_conn_per_s: granted,
+                            });
+                        }
+                    }
+                    Some(since) if since.elapsed() >= settings.grace => {
+                        Self::lock(&self.degraded).remove(&a.id);
+                        let cause = DisbandCause::new(
+                            pb::DisbandReason::SlaBreach,
+                            format!(
+                                "data-path probes failing for {} s: {why}",
+                                since.elapsed().as_secs()
+                            ),
+                        );
+                        let core = self.clone();
+                        let id = a.id.clone();
+                        tokio::spawn(async move { core.disband_logged(&id, cause).await });
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Ends primary arrangement `id` gracefully: no new flows to the provider (weight 0),
@@ -1279,7 +1443,10 @@ impl Core {
         cause: &DisbandCause,
     ) -> Result<ArrangementRecord, DisbandError> {
         let ours = self.local_usage(&a.id);
-        let settlement = a.terms.as_ref().map(|t| settle(t, &ours, 0));
+        let settlement = a
+            .terms
+            .as_ref()
+            .map(|t| settle(t, &ours, self.breaches_of(&a.id)));
         let mut detail = format!("{}: {}", cause.reason.as_str_name(), cause.detail);
         if let Some(control) = self.control_of(&a) {
             let request = pb::DisbandRequest {

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod health;
 pub mod identity;
 pub mod manifest;
 pub mod mediator;

@@ -28,6 +28,7 @@ use p2pcdn_controller::{
     accounting,
     admin::{NegotiateRequest, NegotiationState},
     daemon::{self, Drain, LoadEvent, Node, Options, testbed},
+    health::ProbeSettings,
     identity::NodeIdentity,
     manifest::{self, BuildOptions},
     model::{Role, now_ms},
@@ -236,6 +237,10 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
                 quiet: Duration::from_millis(300),
                 max: Duration::from_secs(5),
                 poll: Duration::from_millis(50),
+            },
+            probes: ProbeSettings {
+                grace: Duration::from_secs(1),
+                ..ProbeSettings::default()
             },
             ..Options::default()
         },
@@ -515,7 +520,10 @@ async fn load_events_negotiate_on_overload_and_retire_on_recovery() {
         let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
         match peers.as_slice() {
             [p] => Ok(p.clone()),
-            _ => Err(format!("{peers:?}")),
+            _ => Err(format!(
+                "peers {peers:?}; negotiations {:?}",
+                pair.primary.store().negotiations(10).unwrap()
+            )),
         }
     })
     .await;
@@ -550,6 +558,49 @@ async fn load_events_negotiate_on_overload_and_retire_on_recovery() {
     .await;
     pair.primary.shutdown().await;
     pair.provider.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_that_dies_gets_no_new_flows_and_is_disbanded_for_the_breach() {
+    let pair = start_pair(64, false).await;
+    let outcome = negotiate(&pair.primary, 300).await;
+    assert_eq!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
+    let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+    assert!(peers.len() == 1 && peers[0].weight > 0, "{peers:?}");
+    let id = outcome.arrangements[0].clone();
+
+    pair.provider.shutdown().await;
+    let died = Instant::now();
+    eventually("the dead provider leaves the Maglev table", || async {
+        let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+        match peers.as_slice() {
+            [p] if p.weight == 0 => Ok(()),
+            _ => Err(format!("{peers:?}")),
+        }
+    })
+    .await;
+    eprintln!(
+        "weight 0 after {} ms (defaults: 2 failed probes 250 ms apart, 300 ms timeout)",
+        died.elapsed().as_millis()
+    );
+    let ended = eventually("the breach ends the arrangement", || async {
+        let a = pair.primary.store().arrangement(&id).unwrap().unwrap();
+        if a.state == p2pcdn_controller::proto::pb::ArrangementState::Disbanded {
+            Ok(a)
+        } else {
+            Err(format!("{:?}", a.state))
+        }
+    })
+    .await;
+    assert!(
+        ended
+            .end_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("probes failing")),
+        "{ended:?}"
+    );
+    assert!(pair.primary_dp.lock().unwrap().peers().unwrap().is_empty());
+    pair.primary.shutdown().await;
 }
 
 #[test]
