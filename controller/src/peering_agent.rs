@@ -28,8 +28,8 @@ use crate::{
     proto::{self, pb},
     registry::{Candidate, Registry},
     store::{
-        ArrangementChanges, ArrangementFilter, ArrangementRecord, ReputationRecord, Store,
-        StoreError, UsageEntry, UsageKind, UsageSource,
+        ArrangementChanges, ArrangementFilter, ArrangementRecord, Liveness, PeerRecord,
+        ReputationRecord, Store, StoreError, UsageEntry, UsageKind, UsageSource,
     },
     tls::{self, CaBundle, PeerAdmission},
     transport::{self, PeerIdentity},
@@ -167,6 +167,44 @@ impl Agent {
 
     fn caller<T>(&self, request: &Request<T>) -> Result<PeerIdentity, Status> {
         transport::peer_of(request)
+    }
+
+    /// Records `caller`'s public key (from its TLS certificate) unless one is pinned already.
+    fn pin(&self, caller: &PeerIdentity) {
+        if caller.spki_der.is_empty() {
+            return;
+        }
+        let store = &self.inner.store;
+        let existing = match store.peer(&caller.fingerprint) {
+            Ok(Some(p)) if !p.pinned_spki.is_empty() => return,
+            Ok(existing) => existing,
+            Err(e) => {
+                tracing::warn!(peer = %caller.fingerprint.short(), error = %e, "cannot read the peer");
+                return;
+            }
+        };
+        let now = now_ms();
+        let record = PeerRecord {
+            fingerprint: caller.fingerprint,
+            name: existing
+                .as_ref()
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+            organisation: caller.organisation.clone(),
+            trust: existing.as_ref().map_or(caller.trust, |p| p.trust),
+            liveness: existing.as_ref().map_or(Liveness::Alive, |p| p.liveness),
+            liveness_ms: existing.as_ref().map_or(now, |p| p.liveness_ms),
+            control_endpoint: existing
+                .as_ref()
+                .map(|p| p.control_endpoint.clone())
+                .unwrap_or_default(),
+            first_seen_ms: existing.as_ref().map_or(now, |p| p.first_seen_ms),
+            last_seen_ms: now,
+            pinned_spki: caller.spki_der.clone(),
+        };
+        if let Err(e) = store.upsert_peer(&record) {
+            tracing::warn!(peer = %caller.fingerprint.short(), error = %e, "cannot pin the peer's key");
+        }
     }
 
     /// The arrangement `id` if `caller` is its other side: our id, or (when a provider
@@ -488,6 +526,9 @@ impl pb::peering_server::Peering for Agent {
         } else {
             self.owned(&m.arrangement_id, &caller)?
         };
+        // The primary's key, pinned from this connection if gossip has not brought its advert
+        // yet: activation verifies the primary's signed manifest with it.
+        self.pin(&caller);
         let now = now_ms();
         let duration_ms = a.terms.as_ref().map_or(0, |t| {
             i64::try_from(t.duration_s).unwrap_or(i64::MAX / 2) * 1000

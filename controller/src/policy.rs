@@ -931,6 +931,7 @@ mod tests {
             fingerprint: fp(n),
             organisation: None,
             trust,
+            spki_der: Vec::new(),
         }
     }
 

@@ -84,6 +84,8 @@ pub struct PeerIdentity {
     pub fingerprint: Fingerprint,
     pub organisation: Option<String>,
     pub trust: TrustLevel,
+    /// The SubjectPublicKeyInfo (DER) the fingerprint is the hash of; empty if unknown.
+    pub spki_der: Vec<u8>,
 }
 
 /// The caller of a request served by [`serve`]; `Unauthenticated` if there is none (which
@@ -254,6 +256,7 @@ async fn accept_loop(
                                 fingerprint: info.fingerprint,
                                 organisation: info.organisation,
                                 trust,
+                                spki_der: info.spki_der,
                             },
                             remote,
                         },

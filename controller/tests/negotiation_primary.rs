@@ -99,6 +99,7 @@ fn primary_identity() -> PeerIdentity {
         fingerprint: PRIMARY,
         organisation: None,
         trust: TrustLevel::Allowed,
+        spki_der: Vec::new(),
     }
 }
 

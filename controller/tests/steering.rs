@@ -296,6 +296,16 @@ async fn negotiate(node: &Node, conn: u64) -> p2pcdn_controller::admin::Negotiat
     .unwrap()
 }
 
+/// Each arrangement's state and end reason, for failure messages.
+fn reasons(node: &Node) -> Vec<(String, Option<String>)> {
+    node.store()
+        .arrangements(&ArrangementFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|a| (format!("{:?}", a.state), a.end_reason))
+        .collect()
+}
+
 fn decap_allowed(dp: &SharedDataplane) -> Vec<IpAddr> {
     dp.lock().unwrap().decap_allowed().unwrap()
 }
@@ -304,7 +314,13 @@ fn decap_allowed(dp: &SharedDataplane) -> Vec<IpAddr> {
 async fn an_active_arrangement_is_steered_served_and_undone() {
     let pair = start_pair(61, false).await;
     let outcome = negotiate(&pair.primary, 300).await;
-    assert_eq!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
+    assert_eq!(
+        outcome.state,
+        NegotiationState::Succeeded,
+        "{outcome:?}\nprimary: {:?}\nprovider: {:?}",
+        reasons(&pair.primary),
+        reasons(&pair.provider)
+    );
     let mine = arrangements(&pair.primary, Role::Primary)
         .into_iter()
         .find(|a| a.state == p2pcdn_controller::proto::pb::ArrangementState::Active)
@@ -564,7 +580,13 @@ async fn load_events_negotiate_on_overload_and_retire_on_recovery() {
 async fn a_provider_that_dies_gets_no_new_flows_and_is_disbanded_for_the_breach() {
     let pair = start_pair(64, false).await;
     let outcome = negotiate(&pair.primary, 300).await;
-    assert_eq!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
+    assert_eq!(
+        outcome.state,
+        NegotiationState::Succeeded,
+        "{outcome:?}\nprimary: {:?}\nprovider: {:?}",
+        reasons(&pair.primary),
+        reasons(&pair.provider)
+    );
     let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
     assert!(peers.len() == 1 && peers[0].weight > 0, "{peers:?}");
     let id = outcome.arrangements[0].clone();
