@@ -1,0 +1,399 @@
+//! The whole chain on a network-namespace testbed: two `p2pcdn run` daemons (an edge and a
+//! peer, each with the XDP redirector attached to its interface), a real origin web server
+//! on the edge, a signed manifest served by a real static web server, and a client sending
+//! new connections through the edge's XDP program.
+//!
+//! ```text
+//!   client .1 ──┐            edge .2 (XDP, p2pcdn: primary, origin on the service address)
+//!               br0 ──────── peer .3 (XDP, p2pcdn: provider, surrogate on the service address)
+//! ```
+//!
+//! After a negotiation the edge's daemon has made the peer a steering target and the peer's
+//! daemon allows the edge's tunnels and serves the edge's content; overflow connections are
+//! answered by the peer's surrogate directly (DSR) with the primary's bytes, every request
+//! succeeds, and after the disband both ledgers agree on the number of connections.
+//!
+//! Privileged; fails under `CI=true` without privileges.
+#![expect(clippy::unwrap_used, reason = "tests panic with a message on failure")]
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use p2pcdn_controller::daemon::testbed;
+use p2pcdn_tests::{
+    http::Server,
+    netns::{Host, Testbed, spawn_in_netns},
+    privilege::require_netns_admin,
+    redirector::{self, Redirector},
+};
+
+const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 99, 100, 1);
+const HOST: &str = "shop.test";
+/// What the origin answers for every path (tests/src/http.rs servers answer their name).
+const BODY: &[u8] = b"edge";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `p2pcdn run` inside a namespace; killed (and waited for) on drop.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A static file server (Python's http.server) in a namespace; killed on drop.
+struct Static(Child);
+
+impl Drop for Static {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn p2pcdn_binary() -> PathBuf {
+    // The privileged step builds the default members first: `p2pcdn` sits beside the
+    // redirector's CLI.
+    let redirector = redirector::binary().unwrap();
+    let p2pcdn = redirector.with_file_name("p2pcdn");
+    assert!(
+        p2pcdn.is_file(),
+        "{} missing: run `cargo build` first (cargo xtask test does)",
+        p2pcdn.display()
+    );
+    p2pcdn
+}
+
+fn p2pcdn(host: &Host, config: &Path, args: &[&str]) -> std::process::Output {
+    host.command(p2pcdn_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn start_daemon(host: &Host, config: &Path) -> Daemon {
+    let log = config.with_file_name("daemon.log");
+    let file = fs::File::create(&log).unwrap();
+    let child = host
+        .command(p2pcdn_binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "p2pcdn_controller=info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Daemon { child, log }
+}
+
+/// One request on a new connection: `Ok(true)` answered by the origin (it names itself),
+/// `Ok(false)` answered by someone else with the origin's bytes, `Err` otherwise.
+fn fetch(target: SocketAddr) -> Result<bool, String> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        format!("GET /index.html HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("status line {:?}", head.lines().next()));
+    }
+    if body.as_bytes() != BODY {
+        return Err(format!("body {body:?}"));
+    }
+    Ok(head.to_ascii_lowercase().contains("x-served-by: edge"))
+}
+
+#[test]
+fn a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree() {
+    if !require_netns_admin("a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree") {
+        return;
+    }
+    let binary = redirector::binary().unwrap();
+    let testbed = Testbed::builder()
+        .host("client")
+        .host_with_loopback("edge", &[IpAddr::V4(SERVICE)])
+        .host_with_loopback("peer", &[IpAddr::V4(SERVICE)])
+        .build()
+        .unwrap();
+    let (client, edge, peer) = (
+        testbed.host("client").clone(),
+        testbed.host("edge").clone(),
+        testbed.host("peer").clone(),
+    );
+    testbed
+        .route("client", &format!("{SERVICE}/32"), edge.v4.into())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The data planes: attached, the peer with its decapsulation address. Services, peers and
+    // the allow-list are the daemons' business.
+    let edge_cli = Redirector::for_host(&binary, &edge);
+    let peer_cli = Redirector::for_host(&binary, &peer);
+    edge_cli.run(&["attach", "--mode", "skb"]).unwrap();
+    peer_cli.run(&["attach", "--mode", "skb"]).unwrap();
+    peer_cli
+        .run(&["config", "--decap-v4", &peer.v4.to_string()])
+        .unwrap();
+
+    // The origin on the edge: the service address (clients) and the edge's own address
+    // (peers pulling through).
+    let _origin = Server::start(
+        &edge.ns,
+        "edge",
+        &[
+            SocketAddr::new(SERVICE.into(), 80),
+            SocketAddr::new(edge.v4.into(), 8080),
+        ],
+    )
+    .unwrap();
+
+    // Node identities and configs (the controller's testbed writer), addresses in the
+    // namespaces; the peer is the edge's gossip seed.
+    let peer_prep = testbed::prepare(
+        &dir.path().join("peer"),
+        "peer",
+        &[],
+        &format!(
+            r#"
+[node]
+listen = "{p}:7443"
+[discovery]
+gossip_listen = "{p}:7946"
+suspect_after_ms = 5000
+dead_after_ms = 15000
+[admin]
+listen = "127.0.0.1:9443"
+[resources]
+decap_v4 = "{p}"
+[dataplane]
+iface = "{iface}"
+pin_root = "{pins}"
+[surrogate]
+"#,
+            p = peer.v4,
+            iface = peer.iface,
+            pins = peer.pin_root.display()
+        ),
+    )
+    .unwrap();
+    let edge_prep = testbed::prepare(
+        &dir.path().join("edge"),
+        "edge",
+        &[SocketAddr::new(peer.v4.into(), 7946)],
+        &format!(
+            r#"
+[node]
+listen = "{e}:7443"
+[discovery]
+gossip_listen = "{e}:7946"
+suspect_after_ms = 5000
+dead_after_ms = 15000
+[admin]
+listen = "127.0.0.1:9443"
+[resources]
+decap_v4 = "{e}"
+[dataplane]
+iface = "{iface}"
+pin_root = "{pins}"
+[[services]]
+name = "web"
+addresses = ["{SERVICE}:80"]
+host_names = ["{HOST}"]
+manifest_url = "http://{e}:8081/manifest"
+capacity_conn_per_s = 10
+"#,
+            e = edge.v4,
+            iface = edge.iface,
+            pins = edge.pin_root.display()
+        ),
+    )
+    .unwrap();
+
+    // The signed manifest of the content, served by a static web server on the edge.
+    let content = dir.path().join("content");
+    fs::create_dir_all(&content).unwrap();
+    fs::write(content.join("index.html"), BODY).unwrap();
+    let published = dir.path().join("published");
+    fs::create_dir_all(&published).unwrap();
+    let out = p2pcdn(
+        &edge,
+        &edge_prep.config_path,
+        &[
+            "manifest",
+            "build",
+            "--root",
+            content.to_str().unwrap(),
+            "--origin",
+            &format!("http://{}:8080", edge.v4),
+            "--service",
+            "web",
+            "--out",
+            published.join("manifest").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _static = Static(
+        edge.command("python3")
+            .args(["-m", "http.server", "--bind", &edge.v4.to_string(), "8081"])
+            .current_dir(&published)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let provider = start_daemon(&peer, &peer_prep.config_path);
+    let primary = start_daemon(&edge, &edge_prep.config_path);
+
+    // Negotiate as soon as the edge knows the peer (gossip); bounded.
+    let deadline = Instant::now() + WAIT;
+    let arrangement = loop {
+        let out = p2pcdn(
+            &edge,
+            &edge_prep.config_path,
+            &["--json", "negotiate", "--service", "web", "--rate", "300"],
+        );
+        if out.status.success() {
+            let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if view["state"] == "succeeded" {
+                break view["arrangements"][0].as_str().unwrap().to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no successful negotiation within {WAIT:?}: {}\n--- edge ---\n{}\n--- peer ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            primary.log(),
+            provider.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+
+    // 150 new connections at 50/s: the edge admits 10/s (burst 10), the rest is steered.
+    let target = SocketAddr::new(SERVICE.into(), 80);
+    let outcomes = spawn_in_netns(&client.ns, move || {
+        let started = Instant::now();
+        let mut outcomes = Vec::new();
+        for i in 0..150_u32 {
+            let due = Duration::from_millis(u64::from(i) * 20);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            outcomes.push(fetch(target));
+        }
+        outcomes
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    let by_peer = outcomes.iter().filter(|o| matches!(o, Ok(false))).count();
+    let by_edge = outcomes.iter().filter(|o| matches!(o, Ok(true))).count();
+    assert!(
+        failures.is_empty(),
+        "{} of 150 failed: {failures:?}\n--- edge ---\n{}\n--- peer ---\n{}",
+        failures.len(),
+        primary.log(),
+        provider.log()
+    );
+    assert!(
+        by_peer > 0 && by_edge > 0,
+        "edge {by_edge}, peer {by_peer}\n--- edge ---\n{}",
+        primary.log()
+    );
+
+    // Disband; both ledgers count the connections the peer answered.
+    let out = p2pcdn(
+        &edge,
+        &edge_prep.config_path,
+        &["disband", &arrangement, "--reason", "test over"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ledger = |host: &Host, config: &Path| -> Vec<serde_json::Value> {
+        let out = p2pcdn(host, config, &["ledger", "export", "--format", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + WAIT;
+    let (mine, theirs) = loop {
+        let mine = ledger(&edge, &edge_prep.config_path);
+        let theirs = ledger(&peer, &peer_prep.config_path);
+        let done = |rows: &[serde_json::Value]| {
+            rows.len() == 1 && rows[0]["state"] == "disbanded" && rows[0]["peer_final"] == true
+        };
+        if done(&mine) && done(&theirs) {
+            break (mine, theirs);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ledgers not final: {mine:?} {theirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let steered = mine[0]["local_connections"].as_u64().unwrap();
+    eprintln!(
+        "150 connections: {by_edge} answered by the edge, {by_peer} by the peer; ledgers: \
+         edge {steered} steered, peer {} served",
+        theirs[0]["local_connections"]
+    );
+    let served = theirs[0]["local_connections"].as_u64().unwrap();
+    assert_eq!(
+        served, by_peer as u64,
+        "the peer counted what it answered: {theirs:?}"
+    );
+    assert_eq!(
+        steered, served,
+        "the edge's XDP count and the peer's surrogate count agree: {mine:?} {theirs:?}"
+    );
+    assert_eq!(mine[0]["peer_connections"].as_u64().unwrap(), served);
+    assert_eq!(
+        mine[0]["connections_discrepancy_percent"].as_f64().unwrap(),
+        0.0
+    );
+    drop(primary);
+    drop(provider);
+    edge_cli.run(&["detach"]).unwrap();
+    peer_cli.run(&["detach"]).unwrap();
+}
