@@ -28,7 +28,7 @@ use std::{
 use p2pcdn_controller::daemon::testbed;
 use p2pcdn_tests::{
     http::Server,
-    netns::{Host, Testbed, spawn_in_netns},
+    netns::{Host, NetnsError, Testbed, spawn_in_netns},
     privilege::require_netns_admin,
     redirector::{self, Redirector},
 };
@@ -132,11 +132,27 @@ fn fetch(target: SocketAddr) -> Result<bool, String> {
     Ok(head.to_ascii_lowercase().contains("x-served-by: edge"))
 }
 
-#[test]
-fn a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree() {
-    if !require_netns_admin("a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree") {
-        return;
-    }
+/// Everything of a test, in drop order: daemons and servers stop before the testbed goes.
+struct Bed {
+    primary: Daemon,
+    provider: Daemon,
+    _static: Static,
+    _origin: Server,
+    edge_cli: Redirector,
+    peer_cli: Redirector,
+    edge_config: PathBuf,
+    peer_config: PathBuf,
+    arrangement: String,
+    client: Host,
+    edge: Host,
+    peer: Host,
+    _dir: tempfile::TempDir,
+    _testbed: Testbed,
+}
+
+/// The testbed, the data planes, the origin, the manifest, both daemons, and a successful
+/// negotiation of 300 connections/s.
+fn setup() -> Bed {
     let binary = redirector::binary().unwrap();
     let testbed = Testbed::builder()
         .host("client")
@@ -166,7 +182,7 @@ fn a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree() {
 
     // The origin on the edge: the service address (clients) and the edge's own address
     // (peers pulling through).
-    let _origin = Server::start(
+    let origin = Server::start(
         &edge.ns,
         "edge",
         &[
@@ -265,7 +281,7 @@ capacity_conn_per_s = 10
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _static = Static(
+    let static_server = Static(
         edge.command("python3")
             .args(["-m", "http.server", "--bind", &edge.v4.to_string(), "8081"])
             .current_dir(&published)
@@ -302,24 +318,67 @@ capacity_conn_per_s = 10
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    Bed {
+        primary,
+        provider,
+        _static: static_server,
+        _origin: origin,
+        edge_cli,
+        peer_cli,
+        edge_config: edge_prep.config_path.clone(),
+        peer_config: peer_prep.config_path.clone(),
+        arrangement,
+        client,
+        edge,
+        peer,
+        _dir: dir,
+        _testbed: testbed,
+    }
+}
 
-    // 150 new connections at 50/s: the edge admits 10/s (burst 10), the rest is steered.
+/// A request's start offset and what came of it (see [`fetch`]).
+type Outcome = (Duration, Result<bool, String>);
+
+/// Sends `count` requests on new connections from the client, one every `every`; each
+/// outcome with its start offset.
+fn load(
+    client: &Host,
+    count: u32,
+    every: Duration,
+) -> std::thread::JoinHandle<Result<Vec<Outcome>, NetnsError>> {
     let target = SocketAddr::new(SERVICE.into(), 80);
-    let outcomes = spawn_in_netns(&client.ns, move || {
+    spawn_in_netns(&client.ns, move || {
         let started = Instant::now();
         let mut outcomes = Vec::new();
-        for i in 0..150_u32 {
-            let due = Duration::from_millis(u64::from(i) * 20);
+        for i in 0..count {
+            let due = every * i;
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait);
             }
-            outcomes.push(fetch(target));
+            let at = started.elapsed();
+            outcomes.push((at, fetch(target)));
         }
         outcomes
     })
-    .join()
-    .unwrap()
-    .unwrap();
+}
+
+#[test]
+fn a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree() {
+    if !require_netns_admin("a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree") {
+        return;
+    }
+    let bed = setup();
+    let (edge, peer) = (&bed.edge, &bed.peer);
+    let (primary, provider) = (&bed.primary, &bed.provider);
+    let arrangement = bed.arrangement.clone();
+    // 150 new connections at 50/s: the edge admits 10/s (burst 10), the rest is steered.
+    let outcomes: Vec<Result<bool, String>> = load(&bed.client, 150, Duration::from_millis(20))
+        .join()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
     let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     let by_peer = outcomes.iter().filter(|o| matches!(o, Ok(false))).count();
     let by_edge = outcomes.iter().filter(|o| matches!(o, Ok(true))).count();
@@ -338,8 +397,8 @@ capacity_conn_per_s = 10
 
     // Disband; both ledgers count the connections the peer answered.
     let out = p2pcdn(
-        &edge,
-        &edge_prep.config_path,
+        edge,
+        &bed.edge_config,
         &["disband", &arrangement, "--reason", "test over"],
     );
     assert!(
@@ -358,8 +417,8 @@ capacity_conn_per_s = 10
     };
     let deadline = Instant::now() + WAIT;
     let (mine, theirs) = loop {
-        let mine = ledger(&edge, &edge_prep.config_path);
-        let theirs = ledger(&peer, &peer_prep.config_path);
+        let mine = ledger(edge, &bed.edge_config);
+        let theirs = ledger(peer, &bed.peer_config);
         let done = |rows: &[serde_json::Value]| {
             rows.len() == 1 && rows[0]["state"] == "disbanded" && rows[0]["peer_final"] == true
         };
@@ -392,8 +451,57 @@ capacity_conn_per_s = 10
         mine[0]["connections_discrepancy_percent"].as_f64().unwrap(),
         0.0
     );
-    drop(primary);
-    drop(provider);
-    edge_cli.run(&["detach"]).unwrap();
-    peer_cli.run(&["detach"]).unwrap();
+    bed.edge_cli.run(&["detach"]).unwrap();
+    bed.peer_cli.run(&["detach"]).unwrap();
+}
+
+#[test]
+fn a_peer_killed_mid_crowd_gets_no_new_flows_and_the_crowd_is_still_served() {
+    if !require_netns_admin(
+        "a_peer_killed_mid_crowd_gets_no_new_flows_and_the_crowd_is_still_served",
+    ) {
+        return;
+    }
+    let mut bed = setup();
+    // 300 connections at 50/s (6 s); the peer dies 2 s in.
+    let crowd = load(&bed.client, 300, Duration::from_millis(20));
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = bed.provider.child.kill();
+    let _ = bed.provider.child.wait();
+    let killed_at = Duration::from_secs(2);
+    let outcomes = crowd.join().unwrap().unwrap();
+
+    let before: Vec<_> = outcomes.iter().filter(|(at, _)| *at < killed_at).collect();
+    let after: Vec<_> = outcomes
+        .iter()
+        .filter(|(at, _)| *at >= killed_at + Duration::from_secs(1))
+        .collect();
+    assert!(
+        before.iter().any(|(_, o)| matches!(o, Ok(false))),
+        "the peer served before it died: {before:?}"
+    );
+    let wrong: Vec<_> = after
+        .iter()
+        .filter(|(_, o)| !matches!(o, Ok(true)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "a second after the kill every new connection is the edge's ({} of {}): {wrong:?}\n--- edge ---\n{}",
+        wrong.len(),
+        after.len(),
+        bed.primary.log()
+    );
+    let failed_before: Vec<_> = before.iter().filter(|(_, o)| o.is_err()).collect();
+    assert!(
+        failed_before.is_empty(),
+        "failures before the kill: {failed_before:?}"
+    );
+    let failed = outcomes.iter().filter(|(_, o)| o.is_err()).count();
+    eprintln!(
+        "300 connections, peer killed at 2 s: {failed} failed (all within the first second \
+         after the kill), {} after +1 s all served by the edge",
+        after.len()
+    );
+    bed.edge_cli.run(&["detach"]).unwrap();
+    bed.peer_cli.run(&["detach"]).unwrap();
 }
