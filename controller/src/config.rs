@@ -103,6 +103,9 @@ pub struct Config {
     /// The surrogate serving primaries' content here; `None`: no content is served.
     #[serde(default)]
     pub surrogate: Option<SurrogateSection>,
+    /// The overload detector (with a `[dataplane]`).
+    #[serde(default)]
+    pub monitor: crate::monitor::MonitorConfig,
 }
 
 /// `[node]`: who this node is and where it listens for peers.
@@ -717,6 +720,9 @@ impl Config {
             if s.listen.is_some_and(|a| a.port() == 0) {
                 return Err(self.invalid("surrogate.listen", "needs a port"));
             }
+        }
+        if let Some((key, reason)) = self.monitor.problem() {
+            return Err(self.invalid(format!("monitor.{key}"), reason));
         }
         for (i, svc) in self.services.iter().enumerate() {
             if svc.capacity_conn_per_s == Some(0) {

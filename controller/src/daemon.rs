@@ -48,6 +48,7 @@ use crate::{
     health::{self, ProbeSettings},
     identity::{IdentityError, NodeIdentity},
     model::{Fingerprint, Role, UnixMs, now_ms},
+    monitor,
     negotiation::{LocalEndpoints, Negotiator},
     peering_agent::{Agent, ArrangementHooks, GrpcPeers, LogHooks},
     policy::{Policy, settle},
@@ -624,11 +625,43 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         let drain = core.options.drain;
         tasks.spawn(autopilot::run(core, backend, load_rx, drain, rx));
     }
-    if core.steering.is_some() {
-        let core = core.clone();
-        let events = load_events.clone();
-        let rx = stop_rx.clone();
-        tasks.spawn(async move { core.probe_providers(events, rx).await });
+    if let Some(steering) = core.steering.clone() {
+        {
+            let core = core.clone();
+            let events = load_events.clone();
+            let rx = stop_rx.clone();
+            tasks.spawn(async move { core.probe_providers(events, rx).await });
+        }
+        // Step 1: one overload detector per service, on the data plane's counters.
+        for service in &core.config.services {
+            let capacity = service
+                .capacity_conn_per_s
+                .unwrap_or(core.config.resources.new_connections_per_s);
+            let detector = monitor::Detector::new(&service.name, capacity, core.config.monitor);
+            let name = service.name.clone();
+            let dataplane = steering.dataplane().clone();
+            let source: monitor::CounterSource = Box::new(move || {
+                let stats = dataplane
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .stats()
+                    .map_err(|e| e.to_string())?;
+                let s = stats
+                    .service(&name)
+                    .ok_or_else(|| format!("service {name} is not in the data plane"))?;
+                Ok(monitor::ServiceCounters {
+                    syn_local: s.syn_local,
+                    syn_steered: s.syn_steered,
+                    kept_local: s.kept_local,
+                })
+            });
+            tasks.spawn(monitor::run(
+                detector,
+                source,
+                load_events.clone(),
+                stop_rx.clone(),
+            ));
+        }
     }
     {
         let refresh = core.refresh.clone();

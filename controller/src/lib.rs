@@ -19,6 +19,7 @@ pub mod identity;
 pub mod manifest;
 pub mod mediator;
 pub mod model;
+pub mod monitor;
 pub mod negotiation;
 pub mod peering_agent;
 pub mod policy;

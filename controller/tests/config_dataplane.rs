@@ -79,6 +79,11 @@ fn bad_values_name_their_key() {
             "surrogate.listen",
         ),
         (
+            "[monitor]\nhigh_water_percent = 50\nlow_water_percent = 60\n",
+            "monitor.low_water_percent",
+        ),
+        ("[monitor]\nsurge = 1\n", "surge"),
+        (
             "[[services]]\nname = \"web\"\naddresses = [\"192.0.2.80:80\"]\ncapacity_conn_per_s = 0\n",
             "capacity_conn_per_s",
         ),

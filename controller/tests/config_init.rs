@@ -208,6 +208,13 @@ const KEYS: &[&str] = &[
     "surrogate.max_object_bytes",
     "surrogate.arrangement_bytes",
     "surrogate.allow_origin",
+    "monitor.interval_ms",
+    "monitor.window_ms",
+    "monitor.high_water_percent",
+    "monitor.low_water_percent",
+    "monitor.enter_ms",
+    "monitor.exit_ms",
+    "monitor.headroom_percent",
 ];
 
 /// `key = value` lines of the file, commented out or not, with the table they are in and

@@ -152,7 +152,7 @@ struct Bed {
 
 /// The testbed, the data planes, the origin, the manifest, both daemons, and a successful
 /// negotiation of 300 connections/s.
-fn setup() -> Bed {
+fn setup(auto: bool) -> Bed {
     let binary = redirector::binary().unwrap();
     let testbed = Testbed::builder()
         .host("client")
@@ -246,10 +246,18 @@ addresses = ["{SERVICE}:80"]
 host_names = ["{HOST}"]
 manifest_url = "http://{e}:8081/manifest"
 capacity_conn_per_s = 10
+{monitor}
 "#,
             e = edge.v4,
             iface = edge.iface,
-            pins = edge.pin_root.display()
+            pins = edge.pin_root.display(),
+            // Manual tests keep the detector out of the way (a threshold of 100/s is never
+            // reached); the automatic one reacts fast and gives back after 2 s of calm.
+            monitor = if auto {
+                "[monitor]\nenter_ms = 300\nexit_ms = 2000\n"
+            } else {
+                "[monitor]\nhigh_water_percent = 1000\n"
+            }
         ),
     )
     .unwrap();
@@ -295,9 +303,24 @@ capacity_conn_per_s = 10
     let provider = start_daemon(&peer, &peer_prep.config_path);
     let primary = start_daemon(&edge, &edge_prep.config_path);
 
-    // Negotiate as soon as the edge knows the peer (gossip); bounded.
+    // Negotiate as soon as the edge knows the peer (gossip); bounded. The automatic test
+    // only waits until the edge knows the peer.
     let deadline = Instant::now() + WAIT;
+    let peer_id = peer_prep.fingerprint.to_string();
     let arrangement = loop {
+        if auto {
+            let out = p2pcdn(&edge, &edge_prep.config_path, &["--json", "peers"]);
+            if String::from_utf8_lossy(&out.stdout).contains(&peer_id) {
+                break String::new();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the edge does not know the peer: {}",
+                primary.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
         let out = p2pcdn(
             &edge,
             &edge_prep.config_path,
@@ -367,7 +390,7 @@ fn a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree() {
     if !require_netns_admin("a_negotiated_peer_serves_the_overflow_and_both_ledgers_agree") {
         return;
     }
-    let bed = setup();
+    let bed = setup(false);
     let (edge, peer) = (&bed.edge, &bed.peer);
     let (primary, provider) = (&bed.primary, &bed.provider);
     let arrangement = bed.arrangement.clone();
@@ -462,7 +485,7 @@ fn a_peer_killed_mid_crowd_gets_no_new_flows_and_the_crowd_is_still_served() {
     ) {
         return;
     }
-    let mut bed = setup();
+    let mut bed = setup(false);
     // 300 connections at 50/s (6 s); the peer dies 2 s in.
     let crowd = load(&bed.client, 300, Duration::from_millis(20));
     std::thread::sleep(Duration::from_secs(2));
@@ -502,6 +525,77 @@ fn a_peer_killed_mid_crowd_gets_no_new_flows_and_the_crowd_is_still_served() {
          after the kill), {} after +1 s all served by the edge",
         after.len()
     );
+    bed.edge_cli.run(&["detach"]).unwrap();
+    bed.peer_cli.run(&["detach"]).unwrap();
+}
+
+#[test]
+fn a_crowd_buys_capacity_by_itself_and_gives_it_back() {
+    if !require_netns_admin("a_crowd_buys_capacity_by_itself_and_gives_it_back") {
+        return;
+    }
+    let bed = setup(true);
+    // 300 new connections at 50/s for a capacity of 10/s; nobody calls `negotiate`.
+    let outcomes = load(&bed.client, 300, Duration::from_millis(20))
+        .join()
+        .unwrap()
+        .unwrap();
+    let failures: Vec<_> = outcomes.iter().filter(|(_, o)| o.is_err()).collect();
+    assert!(
+        failures.is_empty(),
+        "every request is served (locally until peering starts): {failures:?}"
+    );
+    let first_by_peer = outcomes
+        .iter()
+        .find(|(_, o)| matches!(o, Ok(false)))
+        .map(|(at, _)| *at)
+        .unwrap_or_else(|| {
+            panic!(
+                "the monitor never brought a peer in\n--- edge ---\n{}",
+                bed.primary.log()
+            )
+        });
+    let by_peer = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Ok(false)))
+        .count();
+    eprintln!(
+        "crowd at 50/s for a capacity of 10/s: first answer by the peer {} ms after the \
+         crowd began; {by_peer} of 300 answered by the peer",
+        first_by_peer.as_millis()
+    );
+
+    // The crowd is over: after 2 s of calm the arrangement is drained and disbanded.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = p2pcdn(
+            &bed.edge,
+            &bed.edge_config,
+            &["ledger", "export", "--format", "json"],
+        );
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if !rows.is_empty()
+            && rows.iter().all(|r| {
+                r["state"] == "disbanded"
+                    && r["end_reason"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("low-water"))
+            })
+        {
+            let steered: u64 = rows
+                .iter()
+                .map(|r| r["local_connections"].as_u64().unwrap())
+                .sum();
+            assert_eq!(steered, by_peer as u64, "{rows:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not given back: {rows:?}\n--- edge ---\n{}",
+            bed.primary.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     bed.edge_cli.run(&["detach"]).unwrap();
     bed.peer_cli.run(&["detach"]).unwrap();
 }

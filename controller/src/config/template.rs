@@ -204,6 +204,24 @@ negotiation_timeout_ms = 3000
 # mtu = 1500                                   # path MTU to providers (MSS clamping), 576 to 65535
 # manage_loopback = true                       # provider: primaries' service addresses on lo
 
+# The overload detector of each service (needs [dataplane]): the rate of new connections
+# arriving, against the service's capacity, with hysteresis (docs/flash-crowd.md).
+[monitor]
+# Counters are read this often, 10 to 10000 ms. Default: 100.
+interval_ms = 100
+# Rates are measured over this window (at least interval_ms, at most 60000 ms). Default: 1000.
+window_ms = 1000
+# Overloaded at or above this share of the capacity, percent. Default: 90.
+high_water_percent = 90
+# The crowd is over below this share (below high_water_percent), percent. Default: 60.
+low_water_percent = 60
+# The rate must stay high this long before peers are asked, ms. Default: 500.
+enter_ms = 500
+# The rate must stay low this long before arrangements are retired, ms. Default: 10000.
+exit_ms = 10000
+# Capacity asked for on top of the excess, percent. Default: 20.
+headroom_percent = 20
+
 # The surrogate that serves primaries' content under this node's provider arrangements.
 # [surrogate]
 # listen = "0.0.0.0:8080"                      # also for redirected clients; default none

@@ -47,6 +47,10 @@ impl LoadEvent {
     }
 }
 
+/// Negotiations per overload event for what is still uncovered, and the pause between them.
+const RETRIES: u32 = 3;
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Queue length of load events (the monitor never blocks on a slow negotiation).
 pub(crate) const EVENT_QUEUE: usize = 64;
 
@@ -140,25 +144,42 @@ async fn act(core: Arc<Core>, backend: Arc<dyn AdminBackend>, event: LoadEvent, 
             service,
             deficit_conn_per_s,
         } => {
-            if deficit_conn_per_s == 0 {
-                return;
+            // What no one covered is asked for again, a few times, a second apart (peers may
+            // not be known yet, or busy).
+            let mut wanted = u64::from(deficit_conn_per_s);
+            for attempt in 0..RETRIES {
+                if wanted == 0 {
+                    return;
+                }
+                if attempt > 0 {
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+                let started = Instant::now();
+                let outcome = backend
+                    .negotiate(NegotiateRequest {
+                        service: service.clone(),
+                        new_connections_per_s: Some(wanted),
+                        duration_s: None,
+                    })
+                    .await;
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                metrics::histogram!("p2pcdn_autopilot_negotiation_ms").record(ms);
+                match outcome {
+                    Ok(view) => {
+                        tracing::info!(service, wanted, covered = view.covered_connections_per_s,
+                            state = ?view.state, ms, "capacity negotiated for an overload");
+                        wanted = wanted.saturating_sub(view.covered_connections_per_s);
+                    }
+                    Err(e) => tracing::warn!(service, wanted, error = %e,
+                        "cannot negotiate capacity for an overload"),
+                }
             }
-            let started = Instant::now();
-            let outcome = backend
-                .negotiate(NegotiateRequest {
-                    service: service.clone(),
-                    new_connections_per_s: Some(u64::from(deficit_conn_per_s)),
-                    duration_s: None,
-                })
-                .await;
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            metrics::histogram!("p2pcdn_autopilot_negotiation_ms").record(ms);
-            match outcome {
-                Ok(view) => tracing::info!(service, deficit = deficit_conn_per_s,
-                    covered = view.covered_connections_per_s, state = ?view.state, ms,
-                    "capacity negotiated for an overload"),
-                Err(e) => tracing::warn!(service, deficit = deficit_conn_per_s, error = %e,
-                    "cannot negotiate capacity for an overload"),
+            if wanted > 0 {
+                tracing::warn!(
+                    service,
+                    uncovered = wanted,
+                    "overload not fully covered after {RETRIES} negotiations"
+                );
             }
         }
         LoadEvent::Recovered { service } => {
