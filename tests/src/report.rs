@@ -16,8 +16,8 @@ use plotters::{
     coord::Shift,
     prelude::{
         BLACK, BLUE, ChartBuilder, DrawingArea, DrawingAreaErrorKind, GREEN, IntoDrawingArea,
-        IntoLogRange, LineSeries, MAGENTA, Palette, Palette99, PathElement, RED, RGBAColor,
-        SVGBackend, SeriesLabelPosition, ShapeStyle, WHITE,
+        IntoLogRange, LineSeries, MAGENTA, PathElement, RED, RGBColor, SVGBackend,
+        SeriesLabelPosition, ShapeStyle, WHITE,
     },
     style::Color,
 };
@@ -29,6 +29,8 @@ use crate::loadgen::{Bucket, LoadReport};
 pub const MAX_RUNS: usize = 4;
 /// The series names in the plot besides the server names.
 pub const FAILED_SERIES: &str = "failed";
+/// Requests started per second (the crowd as offered, whoever answered).
+pub const OFFERED_SERIES: &str = "offered";
 pub const SUCCESS_SERIES: &str = "success rate";
 pub const P50_SERIES: &str = "p50";
 pub const P99_SERIES: &str = "p99";
@@ -170,9 +172,25 @@ fn x_of(b: &Bucket) -> f64 {
     b.second as f64
 }
 
-fn server_color(index: usize) -> RGBAColor {
-    // Palette99 starts with red, which the `failed` line uses.
-    Palette99::pick(index + 1).to_rgba()
+/// Distinct colours for servers (the "tab10" set without its red, which the `failed` line
+/// uses, and its grey, which `offered` uses).
+const SERVER_COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+const OFFERED_COLOR: RGBColor = RGBColor(127, 127, 127);
+
+fn server_color(index: usize) -> RGBColor {
+    SERVER_COLORS
+        .get(index % SERVER_COLORS.len())
+        .copied()
+        .unwrap_or(BLACK)
 }
 
 fn plot_run(
@@ -181,7 +199,7 @@ fn plot_run(
     servers: &[String],
     x_max: f64,
     rate_max: f64,
-    latency_max: f64,
+    latency: (f64, f64),
 ) -> PlotResult {
     let [rate_area, success_area, latency_area] = areas else {
         return Err(DrawingAreaErrorKind::LayoutError);
@@ -201,6 +219,13 @@ fn plot_run(
         .x_desc("seconds")
         .y_desc("requests/s")
         .draw()?;
+    let offered = series.iter().map(|b| (x_of(b), Some(b.started as f64)));
+    draw_series(
+        &mut chart,
+        OFFERED_SERIES,
+        ShapeStyle::from(OFFERED_COLOR).stroke_width(1),
+        segments(offered),
+    )?;
     for (i, server) in servers.iter().enumerate() {
         let style = ShapeStyle::from(server_color(i)).stroke_width(2);
         let points = series.iter().map(|b| {
@@ -257,13 +282,13 @@ fn plot_run(
         .margin(8)
         .x_label_area_size(30)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..x_max, (0.1f64..latency_max).log_scale())?;
+        .build_cartesian_2d(0f64..x_max, (latency.0..latency.1).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("seconds")
         .y_desc("ms (log)")
         .draw()?;
-    let clamp = |v: Option<f64>| v.map(|v| v.max(0.1));
+    let clamp = |v: Option<f64>| v.map(|v| v.max(latency.0));
     let p50 = series.iter().map(|b| (x_of(b), clamp(b.p50_ms)));
     draw_series(
         &mut chart,
@@ -292,12 +317,29 @@ fn plot(path: &Path, runs: &[Run<'_>]) -> PlotResult {
     let buckets = || runs.iter().flat_map(|r| r.report.series.iter());
     let x_max = buckets().map(|b| b.second + 1).max().unwrap_or(1) as f64;
     let rate_max = buckets()
-        .flat_map(|b| b.by_server.values().copied().chain([b.failures()]))
+        .flat_map(|b| {
+            b.by_server
+                .values()
+                .copied()
+                .chain([b.failures(), b.started])
+        })
         .max()
         .unwrap_or(0)
         .max(1) as f64
         * 1.15;
-    let latency_max = buckets().filter_map(|b| b.p99_ms).fold(1.0f64, f64::max) * 2.0;
+    // Whole decades, at least three (plotters labels a short log axis densely): from the
+    // decade below the fastest median (at least 0.1 ms) to the one above the slowest p99.
+    let slowest = buckets().filter_map(|b| b.p99_ms).fold(1.0f64, f64::max);
+    let latency_max = 10f64.powf((slowest * 1.2).log10().ceil());
+    let fastest = buckets()
+        .filter_map(|b| b.p50_ms)
+        .fold(f64::INFINITY, f64::min);
+    let latency_min = if fastest.is_finite() && fastest > 0.1 {
+        10f64.powf(fastest.log10().floor())
+    } else {
+        0.1
+    }
+    .min(latency_max / 1000.0);
     let width = 640 * runs.len() as u32;
     let root = SVGBackend::new(path, (width, 960)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -307,7 +349,14 @@ fn plot(path: &Path, runs: &[Run<'_>]) -> PlotResult {
         let column: Vec<Area<'_>> = (0..3)
             .filter_map(|row| cells.get(row * runs.len() + col).cloned())
             .collect();
-        plot_run(&column, run, &servers, x_max, rate_max, latency_max)?;
+        plot_run(
+            &column,
+            run,
+            &servers,
+            x_max,
+            rate_max,
+            (latency_min, latency_max),
+        )?;
     }
     root.present()
 }

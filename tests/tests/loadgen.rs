@@ -2,7 +2,8 @@
 //! loopback (unprivileged).
 //!
 //! No speed targets: the assertions are counts and orderings with wide margins, so a loaded
-//! two-core machine does not make them flaky.
+//! two-core machine does not make them flaky. One test builds a two-host netns testbed
+//! (privileged; it fails under `CI=true` without privileges and skips elsewhere).
 
 use std::{
     io::{Read as _, Write as _},
@@ -14,7 +15,9 @@ use std::{
 
 use p2pcdn_tests::{
     loadgen::{self, Bucket, Failure, LoadConfig, LoadError, LoadReport, PathPick, Phase},
+    netns::Testbed,
     origin::{Origin, OriginConfig, OriginError},
+    privilege::require_netns_admin,
     report::{self, ReportError, Run},
 };
 
@@ -379,6 +382,7 @@ fn report_writes_svg_json_and_table() {
         "edge",
         "peer1",
         report::FAILED_SERIES,
+        report::OFFERED_SERIES,
         report::SUCCESS_SERIES,
         report::P50_SERIES,
         report::P99_SERIES,
@@ -530,10 +534,60 @@ fn bad_input_is_refused_with_a_clear_error() {
             "{err} does not say {expected:?}"
         );
     }
+    // A namespace that does not exist is an error for both.
+    let missing = "p2p-no-such-namespace";
+    assert!(matches!(
+        loadgen::run_in(missing, LoadConfig::new(addr, one), |_| {}),
+        Err(LoadError::Netns(_))
+    ));
+    assert!(matches!(
+        Origin::start_in(missing, OriginConfig::new("edge", &[loopback()])),
+        Err(OriginError::Netns(_))
+    ));
     // A taken address is a bind error, not a panic.
     let taken = origin(OriginConfig::new("edge", &[loopback()]));
     assert!(matches!(
         Origin::start(OriginConfig::new("edge", &[target(&taken)])),
         Err(OriginError::Bind { .. })
     ));
+}
+
+/// The generator and the origin in two namespaces of a testbed: the load runs from the
+/// client's namespace to the origin's address in the other one, and every answer is the
+/// origin's.
+#[test]
+fn runs_between_namespaces() {
+    if !require_netns_admin("runs_between_namespaces") {
+        return;
+    }
+    let testbed = Testbed::builder()
+        .host("client")
+        .host("origin")
+        .build()
+        .unwrap_or_else(|e| panic!("testbed: {e}"));
+    let origin_host = testbed.host("origin").clone();
+    let addr = SocketAddr::new(origin_host.v4.into(), 80);
+    let server = Origin::start_in(&origin_host.ns, OriginConfig::new("origin", &[addr]))
+        .unwrap_or_else(|e| panic!("origin: {e}"));
+    assert_eq!(server.local_addrs(), [addr]);
+    let seconds: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let report = {
+        let seconds = Arc::clone(&seconds);
+        loadgen::run_in(
+            &testbed.host("client").ns,
+            LoadConfig::new(addr, vec![Phase::new(40.0, secs(1.5))]),
+            move |b| {
+                seconds
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(b.second)
+            },
+        )
+        .unwrap_or_else(|e| panic!("load: {e}"))
+    };
+    assert_eq!(report.succeeded, 60, "{:?}", report.failed);
+    assert_eq!(report.served_by("origin"), 60);
+    assert_eq!(server.stats().accepted, 60);
+    let seconds = seconds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(seconds, (0..report.series.len() as u64).collect::<Vec<_>>());
 }
