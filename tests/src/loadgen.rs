@@ -702,6 +702,10 @@ fn ensure_fd_limit(cap: usize) -> Result<(), LoadError> {
 /// Bounded: the schedule fixes the request count, and the run ends by
 /// [`LoadConfig::deadline`] whatever the server does (requests still in flight then are
 /// counted as `deadline` failures).
+///
+/// Every in-flight request holds a socket: if the soft `RLIMIT_NOFILE` of the process is
+/// below the in-flight cap (plus a margin), it is raised towards the hard limit, and the
+/// run is refused if that is not enough.
 pub fn run(config: &LoadConfig, progress: impl FnMut(&Bucket)) -> Result<LoadReport, LoadError> {
     let plan = Plan::new(config)?;
     ensure_fd_limit(config.max_in_flight)?;
