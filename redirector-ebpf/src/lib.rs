@@ -15,7 +15,10 @@
 
 /// Version of the map layouts below. Bump it on any change to a map's name, type, key or
 /// value; userspace refuses to reuse pinned maps of another version.
-pub const SCHEMA_VERSION: u32 = 2;
+///
+/// History: 2 added `FlowValue::hash` and `PeerStats::next_hop`; 3 made `DECAP_ALLOW` a
+/// per-CPU hash whose values are the per-sender counters (`DecapStats`, was a `u32`).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Highest number of services (ids `0..MAX_SERVICES`).
 pub const MAX_SERVICES: u32 = 64;
@@ -36,7 +39,7 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 pub const DEFAULT_GUARD_CAPACITY: u32 = 65_536;
 /// Default UDP destination port of GUE tunnels (the port of Linux's `ip fou` examples).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
-/// Size of the decapsulation allow-list.
+/// Size of the decapsulation allow-list (senders, each with its per-CPU counters).
 pub const DECAP_ALLOW_CAPACITY: u32 = 4096;
 /// Size of the services hash map (several keys may name one service id).
 pub const SERVICE_KEYS_CAPACITY: u32 = 1024;
@@ -346,6 +349,22 @@ pub struct AddrKey {
 }
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
 
+/// Value of `DECAP_ALLOW` (a per-CPU hash keyed by the sender's `AddrKey`): being in the map
+/// allows the sender to tunnel to this node, and the value counts what was decapsulated from
+/// it on this CPU (the peer side of accounting). The lookup that checks the allow-list returns
+/// the counters to increment, so counting costs no second lookup.
+///
+/// `bytes` is the length of the inner IP packet (header and payload, as the outer header
+/// carries it: outer length minus the outer IP and UDP headers), the same measure as the
+/// primary's `PeerStats::bytes` for the same packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapStats {
+    pub pkts: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<DecapStats>() == 16);
+
 /// `SVC_STATS[id]` (per CPU): what happened to service `id`'s packets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -512,6 +531,7 @@ mod pod {
     unsafe impl aya::Pod for super::Bucket {}
     unsafe impl aya::Pod for super::GuardKey {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::DecapStats {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::PeerStats {}
     unsafe impl aya::Pod for super::NextHop {}

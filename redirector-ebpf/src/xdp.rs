@@ -25,7 +25,7 @@ use aya_ebpf::{
         bpf_xdp_load_bytes,
     },
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use network_types::{
@@ -36,11 +36,11 @@ use network_types::{
 };
 use redirector_ebpf::{
     AddrKey, BUCKETS_LEN, Bucket, CONFIG_DECAP_V4, CONFIG_DECAP_V6, Config, DECAP_ALLOW_CAPACITY,
-    DECISION_LOCAL, DECISION_STEERED, DEFAULT_FLOW_CAPACITY, DEFAULT_GUARD_CAPACITY, ENCAP_GUE,
-    FlowBudget, FlowKey, FlowValue, GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES,
-    Meta, NextHop, PEER_ACTIVE, PEER_NONE, PEER_TRIES, PeerConf, PeerStats, SERVICE_KEYS_CAPACITY,
-    SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey, ServiceStats, family, flow_hash,
-    gue_source_port, maglev_slot, peer_bucket, proto, service_bucket,
+    DECISION_LOCAL, DECISION_STEERED, DEFAULT_FLOW_CAPACITY, DEFAULT_GUARD_CAPACITY, DecapStats,
+    ENCAP_GUE, FlowBudget, FlowKey, FlowValue, GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS,
+    MAX_SERVICES, Meta, NextHop, PEER_ACTIVE, PEER_NONE, PEER_TRIES, PeerConf, PeerStats,
+    SERVICE_KEYS_CAPACITY, SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey, ServiceStats, family,
+    flow_hash, gue_source_port, maglev_slot, peer_bucket, proto, service_bucket,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -88,8 +88,11 @@ static BUCKETS: Array<Bucket> = Array::with_max_entries(BUCKETS_LEN, 0);
 #[map]
 static GUARD: LruHashMap<GuardKey, Bucket> =
     LruHashMap::with_max_entries(DEFAULT_GUARD_CAPACITY, 0);
+/// The allow-list and the per-sender counters in one per-CPU hash: the lookup that admits a
+/// tunnel packet returns this CPU's counters for its sender.
 #[map]
-static DECAP_ALLOW: HashMap<AddrKey, u32> = HashMap::with_max_entries(DECAP_ALLOW_CAPACITY, 0);
+static DECAP_ALLOW: PerCpuHashMap<AddrKey, DecapStats> =
+    PerCpuHashMap::with_max_entries(DECAP_ALLOW_CAPACITY, 0);
 #[map]
 static SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 #[map]
@@ -304,16 +307,20 @@ fn tunnel_or_pass(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
         family: pkt.family,
         _pad0: [0; 3],
     };
-    // SAFETY: the value is a plain u32 read once.
-    if unsafe { DECAP_ALLOW.get(&sender) }.is_none() {
+    // One lookup both checks the allow-list and finds this CPU's counters for the sender.
+    let Some(counts) = DECAP_ALLOW.get_ptr_mut(&sender) else {
         if let Some(g) = global_stats() {
             // SAFETY: per-CPU value.
             unsafe { (*g).decap_denied += 1 };
         }
         return Ok(xdp_action::XDP_DROP);
-    }
+    };
 
-    // The inner packet must be IP of the version the outer header announces.
+    // The inner packet must be IP of the version the outer header announces, and the outer
+    // length must leave room for it (the byte count below must not wrap).
+    if pkt.ip_len <= outer_len {
+        return Err(Unparsed);
+    }
     let inner_first: *const [u8; 2] = ptr_at(ctx, pkt.l3 + outer_len)?;
     // SAFETY: bounds checked by `ptr_at`.
     let version = unsafe { (*inner_first)[0] } >> 4;
@@ -322,29 +329,56 @@ fn tunnel_or_pass(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
         (proto::IPV6, 6) | (proto::UDP, 6) => ETH_P_IPV6,
         _ => return Err(Unparsed),
     };
-    decapsulate(ctx, pkt, outer_len, inner_type)
+    if !decapsulate(ctx, pkt, outer_len, inner_type)? {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // The inner IP packet's length as the outer header carries it: for a packet a primary
+    // built, exactly the client packet it counted in `PeerStats::bytes` (`encapsulate`
+    // writes outer length = outer headers + that length).
+    let inner_len = (pkt.ip_len - outer_len) as u64;
+    // SAFETY: per-CPU values (this CPU's copy of the sender's counters, and the globals).
+    unsafe {
+        (*counts).pkts += 1;
+        (*counts).bytes += inner_len;
+    }
+    if let Some(g) = global_stats() {
+        // SAFETY: per-CPU value.
+        unsafe {
+            (*g).decap_pkts += 1;
+            (*g).decap_bytes += inner_len;
+        }
+    }
+    Ok(xdp_action::XDP_PASS)
 }
 
 /// Strips the outer IP (and UDP) header, keeps the Ethernet header (and VLAN tag) with the
-/// inner EtherType, and hands the inner packet to the stack, which delivers it to the service
-/// address on loopback: the reply goes straight to the client (direct server return).
+/// inner EtherType, so the caller can hand the inner packet to the stack, which delivers it
+/// to the service address on loopback: the reply goes straight to the client (direct server
+/// return). `Ok(false)`: the head could not be moved, the packet is still encapsulated (passed
+/// uncounted).
 #[inline(always)]
 fn decapsulate(
     ctx: &XdpContext,
     pkt: &Packet,
     outer_len: usize,
     inner_type: u16,
-) -> Result<u32, Unparsed> {
+) -> Result<bool, Unparsed> {
     match decapsulate_call(ctx.ctx, pkt, outer_len, inner_type) {
-        u32::MAX => Err(Unparsed),
-        action => Ok(action),
+        DECAP_DONE => Ok(true),
+        DECAP_NOT_MOVED => Ok(false),
+        _ => Err(Unparsed),
     }
 }
+
+/// `decapsulate_call` results.
+const DECAP_DONE: u32 = 0;
+const DECAP_NOT_MOVED: u32 = 1;
+const DECAP_UNPARSED: u32 = 2;
 
 /// Not inlined, for the same stack reason as `steer_call`.
 #[inline(never)]
 fn decapsulate_call(raw: *mut xdp_md, pkt: &Packet, outer_len: usize, inner_type: u16) -> u32 {
-    decapsulate_inner(&XdpContext::new(raw), pkt, outer_len, inner_type).unwrap_or(u32::MAX)
+    decapsulate_inner(&XdpContext::new(raw), pkt, outer_len, inner_type).unwrap_or(DECAP_UNPARSED)
 }
 
 #[inline(always)]
@@ -365,11 +399,10 @@ fn decapsulate_inner(
         // SAFETY: bounds checked by `ptr_at`.
         saved[..14].copy_from_slice(unsafe { &*l2 });
     }
-    let inner_len = pkt.ip_len - outer_len;
 
     // SAFETY: plain helper call on our own context; it validates `delta` itself.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
-        return Ok(xdp_action::XDP_PASS);
+        return Ok(DECAP_NOT_MOVED);
     }
     let type_at = if pkt.l3 == EthHdr::LEN + VLAN_LEN {
         let hdr: *mut [u8; 18] = ptr_at(ctx, 0)?;
@@ -387,15 +420,7 @@ fn decapsulate_inner(
     let ty: *mut [u8; 2] = ptr_at(ctx, type_at)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe { *ty = inner_type.to_be_bytes() };
-
-    if let Some(g) = global_stats() {
-        // SAFETY: per-CPU value.
-        unsafe {
-            (*g).decap_pkts += 1;
-            (*g).decap_bytes += inner_len as u64;
-        }
-    }
-    Ok(xdp_action::XDP_PASS)
+    Ok(DECAP_DONE)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use crate::{
     error::Result,
     spec::{ConfigSpec, PeerInfo, PeerSpec, ServiceInfo, ServiceSpec},
-    stats::Stats,
+    stats::{DecapCounters, Stats},
 };
 
 /// What the controller (and the CLI) can do to the data plane.
@@ -43,6 +43,11 @@ pub trait Dataplane {
     fn deny_decap(&mut self, addr: IpAddr) -> Result<bool>;
     /// Senders allowed to tunnel to this node.
     fn decap_allowed(&self) -> Result<Vec<IpAddr>>;
+    /// Every allowed sender with what was decapsulated from it (summed across CPUs), by
+    /// address. `bytes` counts inner IP packets, the measure of the primary's per-peer
+    /// `bytes` for the same packets. Denying a sender drops its counters; allowing one
+    /// already allowed keeps them.
+    fn decap_stats(&self) -> Result<Vec<DecapCounters>>;
 
     /// Counters summed across CPUs.
     fn stats(&self) -> Result<Stats>;

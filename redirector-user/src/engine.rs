@@ -17,8 +17,8 @@ use std::{
 
 use log::warn;
 use redirector_ebpf::{
-    AddrKey, Bucket, Config, DECISION_STEERED, FlowKey, FlowValue, GlobalStats, GuardKey,
-    MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, PEER_ACTIVE, PeerConf, PeerStats, SVC_ACTIVE,
+    AddrKey, Bucket, Config, DECISION_STEERED, DecapStats, FlowKey, FlowValue, GlobalStats,
+    GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, PEER_ACTIVE, PeerConf, PeerStats, SVC_ACTIVE,
     ServiceConf, ServiceKey, ServiceStats, peer_bucket, service_bucket,
 };
 
@@ -31,7 +31,7 @@ use crate::{
         addr_from_bytes, addr_key, name_from_bytes, peer_info, service_addr, service_info,
         service_key,
     },
-    stats::{Stats, sum_global, sum_peer, sum_service},
+    stats::{DecapCounters, Stats, sum_decap, sum_global, sum_peer, sum_service},
 };
 
 /// Raw access to the maps, one element at a time.
@@ -56,8 +56,12 @@ pub(crate) trait Backend {
     fn guard_keys(&self) -> Result<Vec<GuardKey>>;
     fn remove_guard(&mut self, key: &GuardKey) -> Result<()>;
     fn decap_keys(&self) -> Result<Vec<AddrKey>>;
+    /// Adds a sender with zeroed counters; a sender already there keeps its counters.
     fn insert_decap(&mut self, key: &AddrKey) -> Result<()>;
+    /// Removes a sender and its counters.
     fn remove_decap(&mut self, key: &AddrKey) -> Result<()>;
+    /// Every allowed sender with its per-CPU decapsulation counters.
+    fn decap_stats(&self) -> Result<Vec<(AddrKey, Vec<DecapStats>)>>;
     fn service_stats(&self, id: u32) -> Result<Vec<ServiceStats>>;
     fn reset_service_stats(&mut self, id: u32) -> Result<()>;
     fn peer_stats(&self, slot: u32) -> Result<Vec<PeerStats>>;
@@ -554,6 +558,19 @@ impl<B: Backend> Dataplane for Engine<B> {
         Ok(out)
     }
 
+    fn decap_stats(&self) -> Result<Vec<DecapCounters>> {
+        let mut out: Vec<DecapCounters> = self
+            .maps
+            .decap_stats()?
+            .iter()
+            .filter_map(|(k, per_cpu)| {
+                addr_from_bytes(&k.addr, k.family).map(|addr| sum_decap(addr, per_cpu))
+            })
+            .collect();
+        out.sort_by_key(|c| c.addr);
+        Ok(out)
+    }
+
     fn stats(&self) -> Result<Stats> {
         let global = sum_global(&self.maps.global_stats()?);
         let mut services = Vec::new();
@@ -573,6 +590,7 @@ impl<B: Backend> Dataplane for Engine<B> {
             global,
             services,
             peers,
+            decap: self.decap_stats()?,
         })
     }
 }

@@ -6,11 +6,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+    PerCpuHashMap, PerCpuValues,
+};
 use redirector_ebpf::{
-    AddrKey, BUCKETS_LEN, Bucket, Config, DECAP_ALLOW_CAPACITY, FlowKey, FlowValue, GlobalStats,
-    GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, Meta, PeerConf, PeerStats, SCHEMA_VERSION,
-    SERVICE_KEYS_CAPACITY, ServiceConf, ServiceKey, ServiceStats, map_names,
+    AddrKey, BUCKETS_LEN, Bucket, Config, DECAP_ALLOW_CAPACITY, DecapStats, FlowKey, FlowValue,
+    GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, Meta, PeerConf, PeerStats,
+    SCHEMA_VERSION, SERVICE_KEYS_CAPACITY, ServiceConf, ServiceKey, ServiceStats, map_names,
 };
 
 use crate::{
@@ -18,18 +21,20 @@ use crate::{
     error::{Error, Result},
 };
 
-/// What userspace relies on in each map: key and value sizes, and the length of the maps it
-/// indexes (`None`: overridable at load, like the LRU tables).
+/// What userspace relies on in each map: its type, key and value sizes, and the length of
+/// the maps it indexes (`None`: overridable at load, like the LRU tables).
 struct Layout {
     name: &'static str,
+    kind: MapType,
     key: usize,
     value: usize,
     entries: Option<u32>,
 }
 
-const fn layout<K, V>(name: &'static str, entries: Option<u32>) -> Layout {
+const fn layout<K, V>(name: &'static str, kind: MapType, entries: Option<u32>) -> Layout {
     Layout {
         name,
+        kind,
         key: size_of::<K>(),
         value: size_of::<V>(),
         entries,
@@ -37,22 +42,45 @@ const fn layout<K, V>(name: &'static str, entries: Option<u32>) -> Layout {
 }
 
 const LAYOUTS: [Layout; 15] = [
-    layout::<u32, Meta>(map_names::META, Some(1)),
-    layout::<u32, Config>(map_names::CONFIG, Some(1)),
-    layout::<ServiceKey, u32>(map_names::SERVICES, Some(SERVICE_KEYS_CAPACITY)),
-    layout::<u32, ServiceConf>(map_names::SVC_CONF, Some(MAX_SERVICES)),
-    layout::<u32, u32>(map_names::PORTS, Some(65_536)),
-    layout::<u32, PeerConf>(map_names::PEERS, Some(MAX_PEERS)),
-    layout::<u32, u32>(map_names::MAGLEV, Some(MAX_SERVICES * MAGLEV_STRIDE)),
-    layout::<FlowKey, FlowValue>(map_names::FLOWS, None),
-    layout::<u32, Bucket>(map_names::BUCKETS, Some(BUCKETS_LEN)),
-    layout::<GuardKey, Bucket>(map_names::GUARD, None),
-    layout::<AddrKey, u32>(map_names::DECAP_ALLOW, Some(DECAP_ALLOW_CAPACITY)),
-    layout::<u32, ServiceStats>(map_names::SVC_STATS, Some(MAX_SERVICES)),
-    layout::<u32, PeerStats>(map_names::PEER_STATS, Some(MAX_PEERS)),
-    layout::<u32, GlobalStats>(map_names::GLOBAL_STATS, Some(1)),
-    layout::<u32, redirector_ebpf::FlowBudget>(map_names::FLOW_BUDGET, Some(1)),
+    layout::<u32, Meta>(map_names::META, MapType::Array, Some(1)),
+    layout::<u32, Config>(map_names::CONFIG, MapType::Array, Some(1)),
+    layout::<ServiceKey, u32>(
+        map_names::SERVICES,
+        MapType::Hash,
+        Some(SERVICE_KEYS_CAPACITY),
+    ),
+    layout::<u32, ServiceConf>(map_names::SVC_CONF, MapType::Array, Some(MAX_SERVICES)),
+    layout::<u32, u32>(map_names::PORTS, MapType::Array, Some(65_536)),
+    layout::<u32, PeerConf>(map_names::PEERS, MapType::Array, Some(MAX_PEERS)),
+    layout::<u32, u32>(
+        map_names::MAGLEV,
+        MapType::Array,
+        Some(MAX_SERVICES * MAGLEV_STRIDE),
+    ),
+    layout::<FlowKey, FlowValue>(map_names::FLOWS, MapType::LruHash, None),
+    layout::<u32, Bucket>(map_names::BUCKETS, MapType::Array, Some(BUCKETS_LEN)),
+    layout::<GuardKey, Bucket>(map_names::GUARD, MapType::LruHash, None),
+    layout::<AddrKey, DecapStats>(
+        map_names::DECAP_ALLOW,
+        MapType::PerCpuHash,
+        Some(DECAP_ALLOW_CAPACITY),
+    ),
+    layout::<u32, ServiceStats>(
+        map_names::SVC_STATS,
+        MapType::PerCpuArray,
+        Some(MAX_SERVICES),
+    ),
+    layout::<u32, PeerStats>(map_names::PEER_STATS, MapType::PerCpuArray, Some(MAX_PEERS)),
+    layout::<u32, GlobalStats>(map_names::GLOBAL_STATS, MapType::PerCpuArray, Some(1)),
+    layout::<u32, redirector_ebpf::FlowBudget>(
+        map_names::FLOW_BUDGET,
+        MapType::PerCpuArray,
+        Some(1),
+    ),
 ];
+
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): create the element only if it does not exist.
+const BPF_NOEXIST: u32 = 1;
 
 /// The `META[0]` this build writes.
 pub(crate) const BUILT_META: Meta = Meta {
@@ -68,6 +96,18 @@ fn check_layout(dir: &Path, layout: &Layout, info: &MapInfo) -> Result<()> {
         map: layout.name.to_owned(),
         detail,
     };
+    // The type first: a map of another type with equal sizes (a plain hash where a per-CPU
+    // one is expected) would be read wrongly without any error.
+    match info.map_type() {
+        Ok(kind) if kind == layout.kind => {}
+        Ok(kind) => {
+            return Err(mismatch(format!(
+                "type {kind:?} instead of {:?}",
+                layout.kind
+            )));
+        }
+        Err(e) => return Err(Error::map(layout.name, "inspect", e)),
+    }
     if info.key_size() as usize != layout.key {
         return Err(mismatch(format!(
             "key size {} instead of {}",
@@ -190,7 +230,7 @@ pub(crate) struct KernelMaps {
     pub(crate) flows: HashMap<MapData, FlowKey, FlowValue>,
     buckets: Array<MapData, Bucket>,
     guard: HashMap<MapData, GuardKey, Bucket>,
-    decap: HashMap<MapData, AddrKey, u32>,
+    decap: PerCpuHashMap<MapData, AddrKey, DecapStats>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
     peer_stats: PerCpuArray<MapData, PeerStats>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
@@ -219,7 +259,7 @@ fn is_enoent(error: &MapError) -> bool {
 }
 
 fn capacity<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<u32> {
-    aya::maps::IterableMap::map(map)
+    map.map()
         .info()
         .map(|i| i.max_entries())
         .map_err(|e| Error::map(name, "inspect", e))
@@ -311,6 +351,34 @@ fn collect<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
         }
         match map.get(&key, 0) {
             Ok(value) => out.push((key, value)),
+            Err(e) if is_enoent(&e) => {}
+            Err(e) => return Err(Error::map(name, "read", e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Like [`collect`] for the per-CPU allow-list: every sender with its per-CPU counters.
+fn collect_decap(
+    map: &PerCpuHashMap<MapData, AddrKey, DecapStats>,
+) -> Result<Vec<(AddrKey, Vec<DecapStats>)>> {
+    let name = map_names::DECAP_ALLOW;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (n, key) in map.keys().enumerate() {
+        if n as u64 >= 2 * u64::from(DECAP_ALLOW_CAPACITY) {
+            break;
+        }
+        let key = match key {
+            Ok(key) => key,
+            Err(e) if is_enoent(&e) => continue,
+            Err(e) => return Err(Error::map(name, "iterate", e)),
+        };
+        if !seen.insert(key) {
+            continue;
+        }
+        match map.get(&key, 0) {
+            Ok(values) => out.push((key, values.to_vec())),
             Err(e) if is_enoent(&e) => {}
             Err(e) => return Err(Error::map(name, "read", e)),
         }
@@ -418,20 +486,37 @@ impl Backend for KernelMaps {
         remove(&mut self.guard, map_names::GUARD, key)
     }
     fn decap_keys(&self) -> Result<Vec<AddrKey>> {
-        Ok(
-            collect(&self.decap, map_names::DECAP_ALLOW, DECAP_ALLOW_CAPACITY)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect(),
-        )
+        // Bounded like `collect`: a walk may restart when the current key is deleted.
+        let mut seen = std::collections::HashSet::new();
+        let mut keys = Vec::new();
+        for key in self.decap.keys().take(2 * DECAP_ALLOW_CAPACITY as usize) {
+            match key {
+                Ok(key) if seen.insert(key) => keys.push(key),
+                Ok(_) => {}
+                Err(e) if is_enoent(&e) => {}
+                Err(e) => return Err(Error::map(map_names::DECAP_ALLOW, "iterate", e)),
+            }
+        }
+        Ok(keys)
     }
     fn insert_decap(&mut self, key: &AddrKey) -> Result<()> {
-        self.decap
-            .insert(key, 1, 0)
-            .map_err(|e| Error::map(map_names::DECAP_ALLOW, "insert into", e))
+        let zero = self.zeroes()?;
+        // BPF_NOEXIST: never zero the counters of a sender already on the list.
+        match self.decap.insert(key, zero, u64::from(BPF_NOEXIST)) {
+            Ok(()) => Ok(()),
+            Err(e) if crate::error::errno_in(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(Error::map(map_names::DECAP_ALLOW, "insert into", e)),
+        }
     }
     fn remove_decap(&mut self, key: &AddrKey) -> Result<()> {
-        remove(&mut self.decap, map_names::DECAP_ALLOW, key)
+        match self.decap.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_enoent(&e) => Ok(()),
+            Err(e) => Err(Error::map(map_names::DECAP_ALLOW, "delete from", e)),
+        }
+    }
+    fn decap_stats(&self) -> Result<Vec<(AddrKey, Vec<DecapStats>)>> {
+        collect_decap(&self.decap)
     }
     fn service_stats(&self, id: u32) -> Result<Vec<ServiceStats>> {
         self.svc_stats

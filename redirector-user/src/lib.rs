@@ -36,7 +36,7 @@ pub use spec::{
     ConfigSpec, Encap, PeerInfo, PeerServices, PeerSpec, ServiceInfo, ServiceMode, ServiceSpec,
     parse_ip, parse_service_addr, validate_name,
 };
-pub use stats::{GlobalCounters, PeerCounters, ServiceCounters, Stats};
+pub use stats::{DecapCounters, GlobalCounters, PeerCounters, ServiceCounters, Stats};
 
 /// The XDP object built by `build.rs` (aya-build, from `redirector-ebpf`).
 pub static PROGRAM_OBJECT: &[u8] =

@@ -7,17 +7,17 @@ use std::{
 };
 
 use redirector_ebpf::{
-    AddrKey, BUCKETS_LEN, Bucket, Config, DEFAULT_GUE_PORT, FlowKey, FlowValue, GlobalStats,
-    GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, PeerConf, PeerStats, ServiceConf, ServiceKey,
-    ServiceStats,
+    AddrKey, BUCKETS_LEN, Bucket, Config, DEFAULT_GUE_PORT, DecapStats, FlowKey, FlowValue,
+    GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, PeerConf, PeerStats,
+    ServiceConf, ServiceKey, ServiceStats,
 };
 
 use crate::{
     dataplane::Dataplane,
     engine::{Backend, Engine, Host},
     error::{Error, Result},
-    spec::{ConfigSpec, PeerInfo, PeerSpec, ServiceInfo, ServiceSpec},
-    stats::Stats,
+    spec::{ConfigSpec, PeerInfo, PeerSpec, ServiceInfo, ServiceSpec, addr_key},
+    stats::{DecapCounters, Stats},
 };
 
 /// Number of simulated CPUs of the per-CPU maps.
@@ -36,7 +36,7 @@ pub(crate) struct MemoryMaps {
     buckets: Vec<Bucket>,
     flows: HashMap<FlowKey, FlowValue>,
     guard: HashMap<GuardKey, Bucket>,
-    decap: HashMap<AddrKey, u32>,
+    decap: HashMap<AddrKey, [DecapStats; CPUS]>,
     svc_stats: Vec<[ServiceStats; CPUS]>,
     peer_stats: Vec<[PeerStats; CPUS]>,
     global_stats: [GlobalStats; CPUS],
@@ -177,12 +177,18 @@ impl Backend for MemoryMaps {
         Ok(self.decap.keys().copied().collect())
     }
     fn insert_decap(&mut self, key: &AddrKey) -> Result<()> {
-        self.decap.insert(*key, 1);
+        // Like BPF_NOEXIST in the kernel backend: an existing sender keeps its counters.
+        self.decap
+            .entry(*key)
+            .or_insert([DecapStats::default(); CPUS]);
         Ok(())
     }
     fn remove_decap(&mut self, key: &AddrKey) -> Result<()> {
         self.decap.remove(key);
         Ok(())
+    }
+    fn decap_stats(&self) -> Result<Vec<(AddrKey, Vec<DecapStats>)>> {
+        Ok(self.decap.iter().map(|(k, v)| (*k, v.to_vec())).collect())
     }
     fn service_stats(&self, id: u32) -> Result<Vec<ServiceStats>> {
         get(&self.svc_stats, "service id", id).map(|s| s.to_vec())
@@ -344,6 +350,30 @@ impl MemoryDataplane {
         }
     }
 
+    /// Adds to CPU `cpu`'s decapsulation counters of sender `addr` (as the kernel would for
+    /// a tunnel packet from an allowed sender). Returns false, like the kernel dropping the
+    /// packet, if `addr` is not allowed.
+    pub fn add_decap_stats(
+        &mut self,
+        addr: IpAddr,
+        cpu: usize,
+        add: impl FnOnce(&mut DecapStats),
+    ) -> bool {
+        match self
+            .engine
+            .maps
+            .decap
+            .get_mut(&addr_key(addr))
+            .and_then(|s| s.get_mut(cpu))
+        {
+            Some(stats) => {
+                add(stats);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Adds to CPU `cpu`'s global counters (as the kernel would).
     pub fn add_global_stats(&mut self, cpu: usize, add: impl FnOnce(&mut GlobalStats)) {
         if let Some(stats) = self.engine.maps.global_stats.get_mut(cpu) {
@@ -385,6 +415,9 @@ impl Dataplane for MemoryDataplane {
     }
     fn decap_allowed(&self) -> Result<Vec<IpAddr>> {
         self.engine.decap_allowed()
+    }
+    fn decap_stats(&self) -> Result<Vec<DecapCounters>> {
+        self.engine.decap_stats()
     }
     fn stats(&self) -> Result<Stats> {
         self.engine.stats()
@@ -757,6 +790,68 @@ mod tests {
         assert!(dp.deny_decap(a).unwrap());
         assert!(!dp.deny_decap(a).unwrap());
         assert_eq!(dp.decap_allowed().unwrap(), vec![b]);
+    }
+
+    #[test]
+    fn decap_counters_per_sender_follow_allow_and_deny() {
+        let mut dp = plane();
+        let a: IpAddr = "192.0.2.10".parse().unwrap();
+        let b: IpAddr = "2001:db8::10".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.99".parse().unwrap();
+        assert!(dp.decap_stats().unwrap().is_empty());
+        dp.allow_decap(b).unwrap();
+        dp.allow_decap(a).unwrap();
+        let zero = |addr| DecapCounters {
+            addr,
+            packets: 0,
+            bytes: 0,
+        };
+        assert_eq!(
+            dp.decap_stats().unwrap(),
+            vec![zero(a), zero(b)],
+            "new senders start at zero, listed by address"
+        );
+
+        // Two CPUs' worth of traffic from a, one from b; nothing counted for a stranger.
+        assert!(dp.add_decap_stats(a, 0, |s| {
+            s.pkts += 3;
+            s.bytes += 180;
+        }));
+        assert!(dp.add_decap_stats(a, 1, |s| {
+            s.pkts += 1;
+            s.bytes += 1500;
+        }));
+        assert!(dp.add_decap_stats(b, 1, |s| {
+            s.pkts += 2;
+            s.bytes += 160;
+        }));
+        assert!(!dp.add_decap_stats(stranger, 0, |s| s.pkts += 1));
+        let counted = vec![
+            DecapCounters {
+                addr: a,
+                packets: 4,
+                bytes: 1680,
+            },
+            DecapCounters {
+                addr: b,
+                packets: 2,
+                bytes: 160,
+            },
+        ];
+        assert_eq!(dp.decap_stats().unwrap(), counted, "summed across CPUs");
+        assert_eq!(dp.stats().unwrap().decap, counted, "stats carries them too");
+        assert_eq!(dp.stats().unwrap().decap_from(a).unwrap().bytes, 1680);
+
+        // Allowing again keeps the counters; denying drops them, and a sender allowed
+        // again starts from zero.
+        assert!(!dp.allow_decap(a).unwrap());
+        assert_eq!(dp.decap_stats().unwrap(), counted);
+        assert!(dp.deny_decap(a).unwrap());
+        assert_eq!(dp.decap_stats().unwrap(), vec![counted[1].clone()]);
+        assert!(dp.stats().unwrap().decap_from(a).is_none());
+        assert!(dp.allow_decap(a).unwrap());
+        assert_eq!(dp.decap_stats().unwrap()[0], zero(a));
+        assert_eq!(dp.decap_allowed().unwrap(), vec![a, b]);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use crate::{
     netlink::{self, Netlink, XdpAttachment},
     privilege,
     spec::{ConfigSpec, PeerInfo, PeerSpec, ServiceInfo, ServiceSpec},
-    stats::Stats,
+    stats::{DecapCounters, Stats},
     sys,
 };
 
@@ -918,6 +918,9 @@ impl Dataplane for Redirector {
     }
     fn decap_allowed(&self) -> Result<Vec<IpAddr>> {
         self.engine.decap_allowed()
+    }
+    fn decap_stats(&self) -> Result<Vec<DecapCounters>> {
+        self.engine.decap_stats()
     }
     fn stats(&self) -> Result<Stats> {
         self.engine.stats()

@@ -1,6 +1,8 @@
 //! Counters summed across CPUs, in the JSON shape of `p2pcdn-redirector stats --json`.
 
-use redirector_ebpf::{GlobalStats, PeerStats, ServiceStats};
+use std::net::IpAddr;
+
+use redirector_ebpf::{DecapStats, GlobalStats, PeerStats, ServiceStats};
 use serde::{Deserialize, Serialize};
 
 /// Everything `stats` reports.
@@ -9,6 +11,10 @@ pub struct Stats {
     pub global: GlobalCounters,
     pub services: Vec<ServiceCounters>,
     pub peers: Vec<PeerCounters>,
+    /// Per allowed sender (`DECAP_ALLOW`), by address. Absent in the output of builds before
+    /// schema 3, hence the default.
+    #[serde(default)]
+    pub decap: Vec<DecapCounters>,
 }
 
 /// Events that belong to no service (`GLOBAL_STATS`).
@@ -50,6 +56,17 @@ pub struct PeerCounters {
     pub packets: u64,
     pub bytes: u64,
     pub no_token: u64,
+}
+
+/// What this node decapsulated from one allowed sender (`DECAP_ALLOW[sender]`): the peer
+/// side of accounting. `bytes` are inner IP packets (header and payload, no outer headers),
+/// the measure of the primary's `PeerCounters::bytes`, so for the primary whose tunnel source
+/// is `addr` the two agree exactly barring loss.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecapCounters {
+    pub addr: IpAddr,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Sums per-CPU values. Counters wrap like the kernel's, so deltas stay right.
@@ -114,6 +131,23 @@ pub fn sum_peer<'a>(
     out
 }
 
+/// Sums one sender's per-CPU decapsulation counters.
+pub fn sum_decap<'a>(
+    addr: IpAddr,
+    per_cpu: impl IntoIterator<Item = &'a DecapStats>,
+) -> DecapCounters {
+    let mut out = DecapCounters {
+        addr,
+        packets: 0,
+        bytes: 0,
+    };
+    for c in per_cpu {
+        out.packets = out.packets.wrapping_add(c.pkts);
+        out.bytes = out.bytes.wrapping_add(c.bytes);
+    }
+    out
+}
+
 /// Per-second rate of a counter between two readings `secs` apart (0 if it went backwards,
 /// i.e. the service or peer was replaced in between).
 pub fn rate(before: u64, after: u64, secs: f64) -> f64 {
@@ -132,6 +166,11 @@ impl Stats {
     /// The peer named `name`, if present.
     pub fn peer(&self, name: &str) -> Option<&PeerCounters> {
         self.peers.iter().find(|p| p.name == name)
+    }
+
+    /// What was decapsulated from `addr`, if it is an allowed sender.
+    pub fn decap_from(&self, addr: IpAddr) -> Option<&DecapCounters> {
+        self.decap.iter().find(|d| d.addr == addr)
     }
 }
 
@@ -192,6 +231,25 @@ mod tests {
         let g = sum_global(&global);
         assert_eq!(g.unparsed, 0, "wraps like the kernel counters");
         assert_eq!(g.stale_peer, 2);
+
+        let addr: IpAddr = "2001:db8::10".parse().unwrap();
+        let decap = [
+            DecapStats {
+                pkts: 2,
+                bytes: 120,
+            },
+            DecapStats {
+                pkts: u64::MAX,
+                bytes: 1500,
+            },
+        ];
+        let d = sum_decap(addr, &decap);
+        assert_eq!(d.addr, addr);
+        assert_eq!(
+            (d.packets, d.bytes),
+            (1, 1620),
+            "packets wrap like the kernel counters"
+        );
     }
 
     #[test]
@@ -203,6 +261,11 @@ mod tests {
                 ..ServiceCounters::default()
             }],
             peers: vec![PeerCounters::default()],
+            decap: vec![DecapCounters {
+                addr: "192.0.2.10".parse().unwrap(),
+                packets: 2,
+                bytes: 120,
+            }],
         };
         let json = serde_json::to_value(&stats).unwrap();
         let global: Vec<&str> = json["global"]
@@ -255,6 +318,19 @@ mod tests {
             assert!(peer.contains_key(key), "{key}");
         }
         assert_eq!(peer.len(), 6);
+        assert_eq!(
+            json["decap"],
+            serde_json::json!([{"addr": "192.0.2.10", "packets": 2, "bytes": 120}]),
+            "decap: one object per sender with the contract's field names"
+        );
+        // The output of a build before per-sender counters still reads back.
+        let old: Stats = serde_json::from_str(
+            r#"{"global":{"unparsed":0,"decap_pkts":0,"decap_bytes":0,"decap_denied":0,
+            "fib_no_neigh":0,"fib_failed":0,"encap_failed":0,"stale_peer":0},
+            "services":[],"peers":[]}"#,
+        )
+        .unwrap();
+        assert!(old.decap.is_empty());
     }
 
     #[test]

@@ -15,12 +15,12 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use redirector_ebpf::{
-    AddrKey, Bucket, CONFIG_DECAP_V4, CONFIG_DECAP_V6, Config, DEFAULT_GUE_PORT, FlowKey,
-    FlowValue, GlobalStats, MAGLEV_STRIDE, PEER_ACTIVE, PROGRAM_NAME, PeerConf, PeerStats,
+    AddrKey, Bucket, CONFIG_DECAP_V4, CONFIG_DECAP_V6, Config, DEFAULT_GUE_PORT, DecapStats,
+    FlowKey, FlowValue, GlobalStats, MAGLEV_STRIDE, PEER_ACTIVE, PROGRAM_NAME, PeerConf, PeerStats,
     SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey, ServiceStats, family, gcra, map_names,
     peer_bucket, proto,
 };
@@ -224,6 +224,16 @@ pub fn service_key(addr: IpAddr, port: u16) -> ServiceKey {
     }
 }
 
+/// The `DECAP_ALLOW` key of a sender.
+pub fn sender_key(sender: IpAddr) -> AddrKey {
+    let (addr, family) = addr_bytes(sender);
+    AddrKey {
+        addr,
+        family,
+        _pad0: [0; 3],
+    }
+}
+
 /// An address as stored in keys, with its family.
 pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     let mut out = [0u8; 16];
@@ -387,19 +397,40 @@ impl Harness {
         self.set_config(cfg)
     }
 
+    /// Puts `sender` on the allow-list with zeroed counters.
     pub fn allow_decap(&mut self, sender: IpAddr) -> Result<()> {
-        let (addr, fam) = addr_bytes(sender);
-        let mut m: HashMap<_, AddrKey, u32> = HashMap::try_from(self.map(map_names::DECAP_ALLOW)?)?;
-        m.insert(
-            AddrKey {
-                addr,
-                family: fam,
-                _pad0: [0; 3],
-            },
-            1,
-            0,
-        )?;
+        let cpus = aya::util::nr_cpus().map_err(|(path, e)| anyhow!("{path}: {e}"))?;
+        let zero = PerCpuValues::try_from(vec![DecapStats::default(); cpus])?;
+        let mut m: PerCpuHashMap<_, AddrKey, DecapStats> =
+            PerCpuHashMap::try_from(self.map(map_names::DECAP_ALLOW)?)?;
+        m.insert(sender_key(sender), zero, 0)?;
         Ok(())
+    }
+
+    /// Takes `sender` off the allow-list (its counters go with it).
+    pub fn deny_decap(&mut self, sender: IpAddr) -> Result<()> {
+        let mut m: PerCpuHashMap<_, AddrKey, DecapStats> =
+            PerCpuHashMap::try_from(self.map(map_names::DECAP_ALLOW)?)?;
+        m.remove(&sender_key(sender))?;
+        Ok(())
+    }
+
+    /// What was decapsulated from `sender`, summed across CPUs; `None` if it is not allowed.
+    pub fn decap_stats(&self, sender: IpAddr) -> Result<Option<DecapStats>> {
+        let m: PerCpuHashMap<_, AddrKey, DecapStats> =
+            PerCpuHashMap::try_from(self.map_ref(map_names::DECAP_ALLOW)?)?;
+        match m.get(&sender_key(sender), 0) {
+            Ok(per_cpu) => {
+                let mut t = DecapStats::default();
+                for s in per_cpu.iter() {
+                    t.pkts += s.pkts;
+                    t.bytes += s.bytes;
+                }
+                Ok(Some(t))
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Installs service `id` listening on `keys`, keeping the port pre-filter in step.

@@ -5,6 +5,7 @@
 //! the cargo that runs the tests, in the same profile.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::OnceLock,
@@ -185,6 +186,9 @@ pub struct Stats {
     pub global: GlobalStats,
     pub services: Vec<ServiceStats>,
     pub peers: Vec<PeerStats>,
+    /// Per allowed sender (schema 3 on); empty when the CLI printed none.
+    #[serde(default)]
+    pub decap: Vec<DecapStats>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -225,7 +229,20 @@ pub struct PeerStats {
     pub no_token: u64,
 }
 
+/// What a peer decapsulated from one allowed sender.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct DecapStats {
+    pub addr: IpAddr,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 impl Stats {
+    /// What was decapsulated from `addr` (`None` if it is not an allowed sender).
+    pub fn decap_from(&self, addr: IpAddr) -> Option<&DecapStats> {
+        self.decap.iter().find(|d| d.addr == addr)
+    }
+
     pub fn service(&self, name: &str) -> Option<&ServiceStats> {
         self.services.iter().find(|s| s.name == name)
     }
@@ -252,12 +269,20 @@ mod tests {
             "pkts_local":1,"bytes_local":1,"pkts_steered":1,"bytes_steered":1,"flow_misses":0,
             "guard_drops":0,"ceiling_hits":0}],
             "peers":[{"name":"peer1","slot":0,"connections":7,"packets":1,"bytes":1,
-            "no_token":0,"extra":"ignored"}]}"#;
+            "no_token":0,"extra":"ignored"}],
+            "decap":[{"addr":"10.0.0.1","packets":3,"bytes":180}]}"#;
         let stats: Stats = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(stats.global.decap_denied, 4);
         assert_eq!(stats.service("web").map(|s| s.syn_steered), Some(20));
         assert_eq!(stats.peer_connections("peer1"), 7);
         assert_eq!(stats.peer_connections("gone"), 0);
+        let from = stats.decap_from("10.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(from.map(|d| (d.packets, d.bytes)), Some((3, 180)));
+        assert!(
+            stats
+                .decap_from("10.0.0.2".parse().unwrap_or_else(|e| panic!("{e}")))
+                .is_none()
+        );
     }
 
     #[test]

@@ -20,9 +20,9 @@ use anyhow::{Context as _, anyhow};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
 use redirector_ebpf::{DEFAULT_GUE_PORT, DEFAULT_RING_SIZE};
 use redirector_user::{
-    AttachMode, AttachOptions, AttachOutcome, ConfigSpec, DEFAULT_PIN_ROOT, Dataplane, Encap,
-    Error, PeerInfo, PeerServices, PeerSpec, Redirector, ServiceInfo, ServiceMode, ServiceSpec,
-    Stats, parse_ip, parse_service_addr, privilege, stats::rate,
+    AttachMode, AttachOptions, AttachOutcome, ConfigSpec, DEFAULT_PIN_ROOT, Dataplane,
+    DecapCounters, Encap, Error, PeerInfo, PeerServices, PeerSpec, Redirector, ServiceInfo,
+    ServiceMode, ServiceSpec, Stats, parse_ip, parse_service_addr, privilege, stats::rate,
 };
 use serde::Serialize;
 
@@ -193,7 +193,7 @@ enum DecapCommand {
     Allow { addr: String },
     /// Stop accepting tunnels from ADDR.
     Deny { addr: String },
-    /// List allowed senders.
+    /// List allowed senders with the packets and bytes decapsulated from each.
     List,
 }
 
@@ -466,12 +466,12 @@ fn run(cli: &Cli, iface: &str) -> anyhow::Result<()> {
                     )
                 }
                 DecapCommand::List => {
-                    let list = open()?.decap_allowed()?;
+                    let list = open()?.decap_stats()?;
                     emit(cli.json, &list, || {
                         if list.is_empty() {
                             return "no sender is allowed to tunnel to this node\n".to_owned();
                         }
-                        list.iter().map(|a| format!("{a}\n")).collect()
+                        decap_table(&list, None)
                     })
                 }
             }
@@ -836,6 +836,31 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// Allowed senders with what was decapsulated from each, and rates per second against
+/// `before` (taken `secs` earlier) when given.
+fn decap_table(now: &[DecapCounters], before: Option<(&Stats, f64)>) -> String {
+    let per_sec = |addr: IpAddr, pick: fn(&DecapCounters) -> u64, value: u64| {
+        before
+            .and_then(|(b, secs)| {
+                b.decap_from(addr)
+                    .map(|d| format!("{value} ({:.0}/s)", rate(pick(d), value, secs)))
+            })
+            .unwrap_or_else(|| value.to_string())
+    };
+    table(
+        &["SENDER", "PACKETS", "BYTES"],
+        now.iter()
+            .map(|d| {
+                vec![
+                    d.addr.to_string(),
+                    per_sec(d.addr, |c| c.packets, d.packets),
+                    per_sec(d.addr, |c| c.bytes, d.bytes),
+                ]
+            })
+            .collect(),
+    )
+}
+
 /// Counters, and rates per second against `before` (taken `secs` earlier) when given.
 fn stats_text(now: &Stats, before: Option<(&Stats, f64)>) -> String {
     let g = &now.global;
@@ -957,6 +982,12 @@ fn stats_text(now: &Stats, before: Option<(&Stats, f64)>) -> String {
                 })
                 .collect(),
         );
+    }
+    text += "\n";
+    if now.decap.is_empty() {
+        text += "no decap senders\n";
+    } else {
+        text += &decap_table(&now.decap, before);
     }
     text
 }
