@@ -234,6 +234,48 @@ fn check_counters(
     assert_eq!(svc.guard_drops, 0, "{phase}: no flood guard configured");
 }
 
+/// Accounting: what the edge counted as steered to each peer (`PEER_STATS` packets and bytes)
+/// equals what the peer counted as decapsulated from the edge's tunnel source, exactly (veth
+/// loses nothing). Polled for a bounded time, so packets still in flight (FINs of closed
+/// connections) settle on both sides first.
+fn check_accounting(phase: &str, scenario: &Scenario, peers: &[(&str, IpAddr)]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let edge = scenario
+            .stats(EDGE)
+            .unwrap_or_else(|e| panic!("stats on {EDGE}: {e}"));
+        let mut mismatches = Vec::new();
+        for (name, tunnel_src) in peers {
+            let sent = edge
+                .peer(name)
+                .map(|p| (p.packets, p.bytes))
+                .unwrap_or_else(|| panic!("{phase}: no peer {name} on the edge: {edge:#?}"));
+            let peer = scenario
+                .stats(name)
+                .unwrap_or_else(|e| panic!("stats on {name}: {e}"));
+            let got = peer
+                .decap_from(*tunnel_src)
+                .map(|d| (d.packets, d.bytes))
+                .unwrap_or_else(|| panic!("{phase}: {name} lists no sender {tunnel_src}"));
+            assert!(sent.0 > 0, "{phase}: nothing steered to {name}");
+            if sent != got {
+                mismatches.push(format!(
+                    "{name}: edge sent {} packets / {} bytes, {name} decapsulated {} / {}                      from {tunnel_src}",
+                    sent.0, sent.1, got.0, got.1
+                ));
+            }
+        }
+        if mismatches.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{phase}: per-peer accounting differs: {mismatches:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn diff(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     after
         .iter()
@@ -338,6 +380,13 @@ fn overflow_is_steered_to_peers_with_dsr() {
         p1_stats.global
     );
     assert_eq!(p1_stats.global.decap_denied, 0);
+    let edge_host = scenario.testbed.host(EDGE).clone();
+    let (edge_v4, edge_v6) = (IpAddr::V4(edge_host.v4), IpAddr::V6(edge_host.v6));
+    check_accounting(
+        "phase 1",
+        &scenario,
+        &[("peer1", edge_v4), ("peer2", edge_v4)],
+    );
 
     // Phase 2: IPv6 service address, steered over the same IPv4 tunnels (GUE with an inner
     // IPv6 packet to peer1, 6in4 to peer2).
@@ -510,6 +559,15 @@ fn overflow_is_steered_to_peers_with_dsr() {
         0.10,
     );
     check_counters("phase 4", &before, &after, &served4, &["peer1", "peer3"]);
+
+    // Everything so far (IPv4 and IPv6 clients, GUE over IPv4 to peer1 and over IPv6 to
+    // peer3) counted alike on both sides; the probes of phase 5 come from outside the
+    // program, so this is the last point where the edge's counts tell the whole story.
+    check_accounting(
+        "phase 4",
+        &scenario,
+        &[("peer1", edge_v4), ("peer3", edge_v6)],
+    );
 
     // Phase 5: tunnels from a sender off the allow-list are dropped; from the edge they pass.
     let probe = SocketAddrV4::new(SERVICE_V4, 9999);
