@@ -24,6 +24,8 @@ pub struct Bench {
     pub bin: &'static str,
     /// What it measures, for `--help`.
     pub about: &'static str,
+    /// Whether it needs root (network namespaces, BPF); a simulation does not.
+    pub privileged: bool,
 }
 
 /// Every benchmark `cargo xtask bench` knows. To add one (surrogate, loadtest, trust, ...),
@@ -35,12 +37,35 @@ pub const BENCHES: &[Bench] = &[
         package: "p2pcdn-tests",
         bin: "bench-dataplane",
         about: "XDP program paths timed with BPF_PROG_TEST_RUN, ns/packet net of an empty-program floor",
+        privileged: true,
     },
     Bench {
         name: "control",
         package: "p2pcdn-tests",
         bin: "bench-control",
         about: "discovery and negotiation times of 3, 10 and 100 in-process controllers over loopback TLS",
+        privileged: true,
+    },
+    Bench {
+        name: "surrogate",
+        package: "p2pcdn-tests",
+        bin: "bench-surrogate",
+        about: "cached 10 KiB and 1 MiB objects: the surrogate against Debian's nginx, same files, same load generator (wrk), loopback",
+        privileged: false,
+    },
+    Bench {
+        name: "loadtest",
+        package: "p2pcdn-tests",
+        bin: "loadtest",
+        about: "flash crowd on a netns testbed with and without peering: onset to steering, discovery + negotiation, success rate, p99 (also `cargo xtask loadtest`)",
+        privileged: true,
+    },
+    Bench {
+        name: "trust",
+        package: "p2pcdn-tests",
+        bin: "sim-trust",
+        about: "adversarial trust simulation over 100 seeds: rounds to isolate, honest isolated, corrupted fraction (also `cargo xtask sim trust`)",
+        privileged: false,
     },
 ];
 
@@ -115,7 +140,9 @@ fn release_redirector(metadata: &Metadata) -> PathBuf {
 
 /// `cargo xtask bench NAME`.
 pub fn bench(root: &Path, bench: &Bench, args: &[String]) -> anyhow::Result<()> {
-    require_privileges(&format!("the {} benchmark", bench.name))?;
+    if bench.privileged {
+        require_privileges(&format!("the {} benchmark", bench.name))?;
+    }
     if args
         .iter()
         .any(|arg| arg == OUT_FLAG || arg.starts_with("--out="))

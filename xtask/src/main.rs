@@ -66,6 +66,21 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The flash-crowd load test (same as `cargo xtask bench loadtest`): a netns testbed driven
+    /// with and without peering; writes target/bench/loadtest.json and an SVG. Needs root.
+    Loadtest {
+        /// Passed to the load-test binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a simulation and print its JSON results (`trust`: target/bench/trust.json).
+    Sim {
+        #[arg(value_parser = ["trust"])]
+        name: String,
+        /// Passed to the simulation binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Remove leftovers of interrupted tests: network namespaces and host veths named with the
     /// prefix (and processes left in those namespaces), and /sys/fs/bpf/<prefix>* pins.
     CleanNetns {
@@ -104,17 +119,19 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
         Cmd::Build { release } => build(&root, release),
         Cmd::Test { quick } => suite::test(&root, quick),
         Cmd::Demo { args } => launch::demo(&root, &args),
-        Cmd::Bench { name, args } => {
-            let bench =
-                launch::find(&name).ok_or_else(|| anyhow::anyhow!("unknown benchmark {name}"))?;
-            launch::bench(&root, bench, &args)
-        }
+        Cmd::Bench { name, args } => launch::bench(&root, named(&name)?, &args),
+        Cmd::Loadtest { args } => launch::bench(&root, named("loadtest")?, &args),
+        Cmd::Sim { name, args } => launch::bench(&root, named(&name)?, &args),
         Cmd::CleanNetns {
             prefix,
             bpffs,
             dry_run,
         } => netns::clean(&prefix, &bpffs, dry_run),
     }
+}
+
+fn named(name: &str) -> anyhow::Result<&'static launch::Bench> {
+    launch::find(name).ok_or_else(|| anyhow::anyhow!("unknown benchmark {name}"))
 }
 
 /// `cargo xtask build [--release]`: the default members, which include redirector-user, whose

@@ -42,6 +42,16 @@ pub const RUNTIME_TOOLS: &[RuntimeTool] = &[
         package: "util-linux",
         used_by: "running p2pcdn-redirector inside a testbed namespace",
     },
+    RuntimeTool {
+        command: "nginx",
+        package: "nginx",
+        used_by: "the surrogate benchmark's baseline (nginx serving the same files on loopback)",
+    },
+    RuntimeTool {
+        command: "wrk",
+        package: "wrk",
+        used_by: "the surrogate benchmark's load generator (same for the surrogate and nginx)",
+    },
 ];
 
 /// Which rustup toolchain a component belongs to.

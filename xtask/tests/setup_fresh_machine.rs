@@ -38,6 +38,8 @@ case "$1" in
       case "$p" in
         iproute2) printf '#!/bin/sh\nexit 0\n' > "$BIN/ip"; chmod +x "$BIN/ip" ;;
         util-linux) printf '#!/bin/sh\nexit 0\n' > "$BIN/nsenter"; chmod +x "$BIN/nsenter" ;;
+        nginx) printf '#!/bin/sh\nexit 0\n' > "$BIN/nginx"; chmod +x "$BIN/nginx" ;;
+        wrk) printf '#!/bin/sh\nexit 0\n' > "$BIN/wrk"; chmod +x "$BIN/wrk" ;;
       esac
       echo "Setting up $p ..."
     done
@@ -210,7 +212,7 @@ fn fresh_machine_gets_everything_in_order_and_a_second_run_installs_nothing() {
             "DEBIAN_FRONTEND=noninteractive apt-get install -y llvm-22-dev libpolly-22-dev libzstd-dev",
             "rustup component add rust-src --toolchain nightly",
             "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22",
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y iproute2 util-linux",
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y iproute2 util-linux nginx wrk",
         ]
     );
     let installed = stdout
