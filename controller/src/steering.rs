@@ -106,6 +106,9 @@ struct ProviderState {
     sources: HashMap<IpAddr, HashSet<String>>,
     /// Service address → the listener serving it.
     listeners: HashMap<SocketAddr, Listener>,
+    /// Arrangement → its tunnel sources' decapsulation counters when it activated: the
+    /// per-sender counters belong to the source, so an arrangement's share starts there.
+    baselines: HashMap<String, HashMap<IpAddr, (u64, u64)>>,
 }
 
 struct Listener {
@@ -230,7 +233,9 @@ impl Steering {
     /// This side's raw counts of an active arrangement, `None` when the data plane has none:
     /// the primary's are the XDP counters of the arrangement's peer (connections steered,
     /// packets and bytes tunnelled); the provider's are the requests its surrogate answered
-    /// for the arrangement.
+    /// for the arrangement and the packets and bytes its XDP program decapsulated from the
+    /// primary's tunnel sources since the arrangement activated (the same inner-packet bytes
+    /// the primary counts, so the two sides reconcile).
     pub fn usage(&self, a: &ArrangementRecord) -> Result<Option<Reading>, String> {
         match a.role {
             Role::Primary => Ok(self.peer_counters(a)?.map(|c| Reading {
@@ -238,17 +243,49 @@ impl Steering {
                 bytes: c.bytes,
                 packets: c.packets,
             })),
-            Role::Provider => Ok(self
-                .inner
-                .surrogate
-                .as_ref()
-                .and_then(|s| s.usage(&a.id))
-                .map(|u| Reading {
-                    connections: u.requests,
-                    bytes: 0,
-                    packets: 0,
-                })),
+            Role::Provider => self.provider_usage(a),
         }
+    }
+
+    fn provider_usage(&self, a: &ArrangementRecord) -> Result<Option<Reading>, String> {
+        let surrogate = self.inner.surrogate.as_ref();
+        let requests = |id: &str| surrogate.and_then(|s| s.usage(id)).map(|u| u.requests);
+        let state = lock(&self.inner.provider);
+        let Some(baseline) = state.baselines.get(&a.id) else {
+            return Ok(requests(&a.id).map(|r| Reading {
+                connections: r,
+                ..Reading::default()
+            }));
+        };
+        let decap = lock(&self.inner.dataplane)
+            .decap_stats()
+            .map_err(|e| e.to_string())?;
+        let mut reading = Reading {
+            connections: requests(&a.id).unwrap_or(0),
+            ..Reading::default()
+        };
+        for (source, &(base_packets, base_bytes)) in baseline {
+            let Some(now) = decap.iter().find(|c| c.addr == *source) else {
+                continue;
+            };
+            let (packets, bytes) = since(base_packets, base_bytes, now);
+            // A source shared by several active arrangements of the same primary (two of its
+            // services at once): its count is split by the requests each one answered.
+            let sharers = state.sources.get(source).map_or(1, HashSet::len);
+            let (packets, bytes) = if sharers > 1 {
+                let all: u64 = state.sources[source]
+                    .iter()
+                    .map(|id| requests(id).unwrap_or(0))
+                    .sum();
+                let ours = requests(&a.id).unwrap_or(0);
+                (share(packets, ours, all), share(bytes, ours, all))
+            } else {
+                (packets, bytes)
+            };
+            reading.packets = reading.packets.saturating_add(packets);
+            reading.bytes = reading.bytes.saturating_add(bytes);
+        }
+        Ok(Some(reading))
     }
 
     /// Records this side's cumulative counts of active arrangement `a` in the usage ledger
@@ -327,6 +364,18 @@ impl Steering {
                     .or_default()
                     .insert(a.id.clone());
             }
+            let counts = dp.decap_stats().unwrap_or_default();
+            let baseline = sources
+                .iter()
+                .map(|source| {
+                    let base = counts
+                        .iter()
+                        .find(|c| c.addr == *source)
+                        .map_or((0, 0), |c| (c.packets, c.bytes));
+                    (*source, base)
+                })
+                .collect();
+            state.baselines.insert(a.id.clone(), baseline);
         }
         if let Err(e) = self.serve_content(a) {
             self.end_provider(a);
@@ -485,6 +534,7 @@ impl Steering {
             surrogate.remove_tenant(&a.id);
         }
         let mut state = lock(&self.inner.provider);
+        state.baselines.remove(&a.id);
         let mut dp = lock(&self.inner.dataplane);
         let mut unused = Vec::new();
         for (source, users) in &mut state.sources {
@@ -538,6 +588,24 @@ impl ArrangementHooks for Steering {
             tracing::warn!(arrangement = %a.id, error = %e, "cannot count usage");
         }
     }
+}
+
+/// Packets and bytes counted since a baseline; a counter below its baseline was recreated
+/// (the source was denied and allowed again), so all of it is new.
+fn since(base_packets: u64, base_bytes: u64, now: &redirector_user::DecapCounters) -> (u64, u64) {
+    if now.packets < base_packets || now.bytes < base_bytes {
+        (now.packets, now.bytes)
+    } else {
+        (now.packets - base_packets, now.bytes - base_bytes)
+    }
+}
+
+/// `total × ours / all`, rounded down; nothing when no request was answered yet.
+fn share(total: u64, ours: u64, all: u64) -> u64 {
+    if all == 0 {
+        return 0;
+    }
+    u64::try_from(u128::from(total) * u128::from(ours) / u128::from(all)).unwrap_or(u64::MAX)
 }
 
 /// The provider's decapsulation address: IPv4 if it has one, else IPv6.

@@ -100,12 +100,66 @@ async fn start_origin(files: HashMap<String, Bytes>, manifest: Arc<Mutex<Bytes>>
     addr
 }
 
-fn memory_dataplane() -> SharedDataplane {
-    let dp: Box<dyn Dataplane + Send> = Box::new(MemoryDataplane::new(
+/// An in-memory data plane the daemon drives, and a handle on the same maps through which the
+/// test plays the kernel's part (counting packets).
+fn memory_dataplane() -> (SharedDataplane, Arc<Mutex<MemoryDataplane>>) {
+    let mem = Arc::new(Mutex::new(MemoryDataplane::new(
         Some("192.0.2.254".parse().unwrap()),
         None,
-    ));
-    Arc::new(Mutex::new(dp))
+    )));
+    let dp: Box<dyn Dataplane + Send> = Box::new(Kernel(mem.clone()));
+    (Arc::new(Mutex::new(dp)), mem)
+}
+
+/// [`MemoryDataplane`] shared with the test.
+struct Kernel(Arc<Mutex<MemoryDataplane>>);
+
+impl Kernel {
+    fn with<T>(&self, f: impl FnOnce(&mut MemoryDataplane) -> T) -> T {
+        f(&mut self.0.lock().unwrap())
+    }
+}
+
+impl Dataplane for Kernel {
+    fn config(&self) -> redirector_user::Result<redirector_user::ConfigSpec> {
+        self.with(|d| d.config())
+    }
+    fn set_config(&mut self, c: &redirector_user::ConfigSpec) -> redirector_user::Result<()> {
+        self.with(|d| d.set_config(c))
+    }
+    fn upsert_service(&mut self, spec: &ServiceSpec) -> redirector_user::Result<u32> {
+        self.with(|d| d.upsert_service(spec))
+    }
+    fn remove_service(&mut self, name: &str) -> redirector_user::Result<()> {
+        self.with(|d| d.remove_service(name))
+    }
+    fn services(&self) -> redirector_user::Result<Vec<redirector_user::ServiceInfo>> {
+        self.with(|d| d.services())
+    }
+    fn set_peer(&mut self, spec: &redirector_user::PeerSpec) -> redirector_user::Result<u32> {
+        self.with(|d| d.set_peer(spec))
+    }
+    fn remove_peer(&mut self, name: &str) -> redirector_user::Result<()> {
+        self.with(|d| d.remove_peer(name))
+    }
+    fn peers(&self) -> redirector_user::Result<Vec<redirector_user::PeerInfo>> {
+        self.with(|d| d.peers())
+    }
+    fn allow_decap(&mut self, addr: IpAddr) -> redirector_user::Result<bool> {
+        self.with(|d| d.allow_decap(addr))
+    }
+    fn deny_decap(&mut self, addr: IpAddr) -> redirector_user::Result<bool> {
+        self.with(|d| d.deny_decap(addr))
+    }
+    fn decap_allowed(&self) -> redirector_user::Result<Vec<IpAddr>> {
+        self.with(|d| d.decap_allowed())
+    }
+    fn decap_stats(&self) -> redirector_user::Result<Vec<redirector_user::DecapCounters>> {
+        self.with(|d| d.decap_stats())
+    }
+    fn stats(&self) -> redirector_user::Result<redirector_user::Stats> {
+        self.with(|d| d.stats())
+    }
 }
 
 /// One HTTP/1.1 GET over a fresh connection; (status, body).
@@ -143,7 +197,9 @@ struct Pair {
     primary: Node,
     provider: Node,
     primary_dp: SharedDataplane,
+    primary_kernel: Arc<Mutex<MemoryDataplane>>,
     provider_dp: SharedDataplane,
+    provider_kernel: Arc<Mutex<MemoryDataplane>>,
     surrogate: Surrogate,
     service: SocketAddr,
     provider_config: std::path::PathBuf,
@@ -175,7 +231,7 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
         &format!("{discovery}[resources]\ndecap_v4 = \"{PROVIDER_DECAP}\"\n"),
     )
     .unwrap();
-    let provider_dp = memory_dataplane();
+    let (provider_dp, provider_kernel) = memory_dataplane();
     let surrogate = Surrogate::new(SurrogateConfig::new(dir.path().join("cache")))
         .await
         .unwrap();
@@ -222,7 +278,7 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
     m.set_hot(vec!["/index.html".to_owned()]);
     *manifest_bytes.lock().unwrap() = Bytes::from(manifest::sign(&signer, &m).encode());
 
-    let primary_dp = memory_dataplane();
+    let (primary_dp, primary_kernel) = memory_dataplane();
     primary_dp
         .lock()
         .unwrap()
@@ -266,7 +322,9 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
         primary,
         provider,
         primary_dp,
+        primary_kernel,
         provider_dp,
+        provider_kernel,
         surrogate,
         service,
         provider_config: provider_prep.config_path.clone(),
@@ -380,6 +438,26 @@ async fn an_active_arrangement_is_steered_served_and_undone() {
     })
     .await;
 
+    // The kernels' part: the primary tunnels packets to the provider, which decapsulates the
+    // same packets (and the same inner bytes) from the primary's tunnel source.
+    let slot = peer.slot;
+    pair.primary_kernel
+        .lock()
+        .unwrap()
+        .add_peer_stats(slot, 1, |s| {
+            s.connections += 2;
+            s.packets += 14;
+            s.bytes += 9_876;
+        });
+    assert!(pair.provider_kernel.lock().unwrap().add_decap_stats(
+        PRIMARY_TUNNEL_SOURCE.parse().unwrap(),
+        0,
+        |s| {
+            s.pkts += 14;
+            s.bytes += 9_876;
+        }
+    ));
+
     // Draining: no new flows (weight 0), the peer stays configured for the established ones.
     pair.primary.steering().unwrap().drain(&mine).unwrap();
     let drained = pair.primary_dp.lock().unwrap().peers().unwrap();
@@ -458,6 +536,27 @@ async fn an_active_arrangement_is_steered_served_and_undone() {
     assert_eq!(rows[0].arrangement, theirs.id);
     assert_eq!(rows[0].role, "provider");
     assert_eq!(rows[0].local_connections, 2, "{:?}", rows[0]);
+    assert_eq!(
+        (rows[0].local_packets, rows[0].local_bytes),
+        (14, 9_876),
+        "the provider counts what it decapsulated from the primary: {:?}",
+        rows[0]
+    );
+    assert_eq!(
+        (
+            rows[0].peer_connections,
+            rows[0].peer_packets,
+            rows[0].peer_bytes
+        ),
+        (2, 14, 9_876),
+        "the primary's count of what it tunnelled: {:?}",
+        rows[0]
+    );
+    assert!(
+        rows[0].bytes_discrepancy_percent.abs() < f64::EPSILON,
+        "{:?}",
+        rows[0]
+    );
     assert_eq!(rows[0].service, "web");
     pair.primary.shutdown().await;
     pair.provider.shutdown().await;
