@@ -558,6 +558,13 @@ pub struct LongTermConfig {
     /// Length of each activation, seconds (1 to 604800); default 3600.
     #[serde(default = "default_duration_s")]
     pub duration_s: u64,
+    /// Primary only: keep the agreement active for every service at all times (renewed before
+    /// it expires, re-armed after each crowd), so the peer is in the data plane before a crowd
+    /// begins and the XDP program steers overflow to it the moment the local admission bucket
+    /// runs dry, with no control-plane round trip. Usage is charged as agreed; an idle standby
+    /// costs nothing unless the agreement says so. Default false: activated on overload.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// `[[services]]`: a service whose overflow this node may steer to peers.
@@ -1000,6 +1007,12 @@ impl Config {
             }
             if let Some(l) = lt.sla_p99_latency_ms {
                 range(self, &key("sla_p99_latency_ms"), l.into(), 1, 600_000)?;
+            }
+            if lt.standby && lt.role != Role::Primary {
+                return Err(self.invalid(
+                    key("standby"),
+                    "only the primary keeps an agreement on standby (role = \"primary\")",
+                ));
             }
         }
 

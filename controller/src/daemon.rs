@@ -21,6 +21,7 @@ pub mod testbed;
 
 mod autopilot;
 mod backend;
+mod standby;
 mod wiring;
 
 use std::{
@@ -617,6 +618,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         let rx = stop_rx.clone();
         tasks.spawn(async move { core.maintain(recovered, rx).await });
     }
+    tasks.spawn(standby::keep(core.clone(), stop_rx.clone()));
     let (load_events, load_rx) = tokio::sync::mpsc::channel(autopilot::EVENT_QUEUE);
     {
         let core = core.clone();
@@ -1357,6 +1359,24 @@ impl Core {
     /// Ends primary arrangement `id` gracefully: no new flows to the provider (weight 0),
     /// then waits until its steered flows are quiet (no packet for `drain.quiet`, at most
     /// `drain.max`), then disbands. Without a data plane it disbands at once.
+    /// Active primary arrangements of `service`.
+    pub(crate) fn active_primary(
+        &self,
+        service: &str,
+    ) -> Result<Vec<ArrangementRecord>, StoreError> {
+        Ok(self
+            .store
+            .arrangements(&ArrangementFilter {
+                role: Some(Role::Primary),
+                states: vec![State::Active],
+                limit: Some(usize::MAX),
+                ..ArrangementFilter::default()
+            })?
+            .into_iter()
+            .filter(|a| a.service.as_ref().is_some_and(|s| s.name == service))
+            .collect())
+    }
+
     pub(crate) async fn retire(
         &self,
         id: &str,

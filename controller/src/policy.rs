@@ -153,6 +153,8 @@ pub struct LongTerm {
     pub penalty_max_percent: u32,
     /// Longest activation, seconds.
     pub duration_s: u64,
+    /// Kept active at all times for every service (primary only).
+    pub standby: bool,
 }
 
 impl LongTerm {
@@ -180,6 +182,7 @@ impl LongTerm {
             penalty_credit_percent: policy.penalty_credit_percent,
             penalty_max_percent: policy.penalty_max_percent,
             duration_s: entry.duration_s,
+            standby: entry.standby,
         }
     }
 
@@ -966,6 +969,7 @@ mod tests {
             penalty_credit_percent: 1,
             penalty_max_percent: 10,
             duration_s: 3600,
+            standby: false,
         };
         let settings = PolicySettings {
             allow: vec![
@@ -1247,6 +1251,7 @@ mod tests {
             penalty_credit_percent: 5,
             penalty_max_percent: 30,
             duration_s: 3600,
+            standby: false,
         };
         let p = policy(PolicySettings::default(), vec![lt.clone()]);
         assert_eq!(p.agreement("acme-2026", &fp(3)), Some(lt.clone()));

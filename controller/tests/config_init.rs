@@ -190,6 +190,7 @@ const KEYS: &[&str] = &[
     "policy.long_term.sla_availability_ppm",
     "policy.long_term.sla_p99_latency_ms",
     "policy.long_term.duration_s",
+    "policy.long_term.standby",
     "services.name",
     "services.addresses",
     "services.host_names",

@@ -833,6 +833,7 @@ async fn a_long_term_peer_activates_in_two_steps() {
         penalty_credit_percent: 5,
         penalty_max_percent: 30,
         duration_s: 3600,
+        standby: false,
     };
     let mut peer = provider(1, PolicySettings::default(), 1000);
     peer.long_term = vec![agreement(Role::Provider)];

@@ -208,6 +208,12 @@ struct Pair {
 /// Starts the provider and the primary; `sign_with_other_key` makes the manifest the origin
 /// serves one the primary did not sign.
 async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
+    start_pair_with(n, sign_with_other_key, None).await
+}
+
+/// [`start_pair`], the two sides sharing long-term agreement "lt-standby" of `standby`
+/// new connections/s that the primary keeps on standby.
+async fn start_pair_with(n: u8, sign_with_other_key: bool, standby: Option<u32>) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let service = service_addr(n);
     let manifest_bytes = Arc::new(Mutex::new(Bytes::new()));
@@ -224,11 +230,39 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
 
     let discovery =
         "[discovery]\ngossip_interval_ms = 100\nsuspect_after_ms = 5000\ndead_after_ms = 15000\n";
+    // The primary's identity first: the provider's agreement names it. Its seed (the
+    // provider's gossip address) is filled in once the provider runs.
+    let mut primary_prep = testbed::prepare(
+        &dir.path().join("edge"),
+        "edge",
+        &[],
+        &format!(
+            "{discovery}[resources]\ndecap_v4 = \"{PRIMARY_TUNNEL_SOURCE}\"\n\
+             [[services]]\nname = \"web\"\naddresses = [\"{service}\"]\nhost_names = [\"{HOST}\"]\n\
+             manifest_url = \"http://{origin}/manifest\"\nduration_s = 600\n"
+        ),
+    )
+    .unwrap();
+    let agreement = |peer: &p2pcdn_controller::model::Fingerprint, role: &str, rate: u32| {
+        format!(
+            "[[policy.long_term]]\nagreement_id = \"lt-standby\"\npeer = \"{peer}\"\n\
+             role = \"{role}\"\nnew_connections_per_s = {rate}\nduration_s = 600\n{}",
+            if role == "primary" {
+                "standby = true\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let provider_overlay = match standby {
+        Some(rate) => agreement(&primary_prep.fingerprint, "provider", rate),
+        None => String::new(),
+    };
     let provider_prep = testbed::prepare(
         &dir.path().join("peer"),
         "peer",
         &[],
-        &format!("{discovery}[resources]\ndecap_v4 = \"{PROVIDER_DECAP}\"\n"),
+        &format!("{discovery}[resources]\ndecap_v4 = \"{PROVIDER_DECAP}\"\n{provider_overlay}"),
     )
     .unwrap();
     let (provider_dp, provider_kernel) = memory_dataplane();
@@ -251,17 +285,14 @@ async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
     .await
     .unwrap();
 
-    let primary_prep = testbed::prepare(
-        &dir.path().join("edge"),
-        "edge",
-        &[provider.gossip_addr()],
-        &format!(
-            "{discovery}[resources]\ndecap_v4 = \"{PRIMARY_TUNNEL_SOURCE}\"\n\
-             [[services]]\nname = \"web\"\naddresses = [\"{service}\"]\nhost_names = [\"{HOST}\"]\n\
-             manifest_url = \"http://{origin}/manifest\"\nduration_s = 600\n"
-        ),
-    )
-    .unwrap();
+    if let Some(rate) = standby {
+        let mut text = std::fs::read_to_string(&primary_prep.config_path).unwrap();
+        text.push_str(&agreement(&provider.fingerprint(), "primary", rate));
+        std::fs::write(&primary_prep.config_path, text).unwrap();
+        primary_prep.config =
+            p2pcdn_controller::config::Config::load(&primary_prep.config_path).unwrap();
+    }
+    primary_prep.config.discovery.seeds = vec![provider.gossip_addr().to_string()];
     // The primary signs its manifest with its node key (another key: a forged manifest).
     let signer = if sign_with_other_key {
         NodeIdentity::generate("forger", "Forgers", &["localhost".to_owned()]).unwrap()
@@ -732,4 +763,84 @@ fn peer_names_fit_the_data_plane() {
     assert!(redirector_user::validate_name(&name).is_ok(), "{name}");
     assert_eq!(peer_name(&long), name, "stable");
     assert_eq!(peer_name("a-1"), "a-1");
+}
+
+/// A standby long-term peer is in the data plane before any crowd (the kernel steers overflow
+/// to it at once); an overload it covers negotiates nothing more; the crowd's end disbands it
+/// with its accounting, and the keeper arms a fresh arrangement for the next crowd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_long_term_peer_is_steered_to_before_the_crowd_and_rearmed_after_it() {
+    let pair = start_pair_with(63, false, Some(400)).await;
+    let first = eventually(
+        "the standby peer is armed without any load event",
+        || async {
+            let active: Vec<ArrangementRecord> = arrangements(&pair.primary, Role::Primary)
+                .into_iter()
+                .filter(|a| a.state == p2pcdn_controller::proto::pb::ArrangementState::Active)
+                .collect();
+            let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+            match (active.as_slice(), peers.as_slice()) {
+                ([a], [p]) if p.weight > 0 && p.name == peer_name(&a.id) => Ok(a.clone()),
+                _ => Err(format!("active {active:?}, peers {peers:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(first.agreement_id.as_deref(), Some("lt-standby"));
+    let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+    assert_eq!(peers[0].rate, Some(400), "{peers:?}");
+
+    // An overload within the standby's capacity: covered already, nothing else negotiated.
+    pair.primary
+        .load_events()
+        .send(LoadEvent::Overloaded {
+            service: "web".to_owned(),
+            deficit_conn_per_s: 300,
+            reason: "test".to_owned(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let all = arrangements(&pair.primary, Role::Primary);
+    assert_eq!(
+        all.len(),
+        1,
+        "nothing negotiated beyond the standby: {all:?}"
+    );
+
+    // The crowd is over: the standby arrangement is retired with a ledger row, then a new
+    // one is armed.
+    pair.primary
+        .load_events()
+        .send(LoadEvent::Recovered {
+            service: "web".to_owned(),
+        })
+        .await
+        .unwrap();
+    let second = eventually("retired, then armed again", || async {
+        let all = arrangements(&pair.primary, Role::Primary);
+        let old = all.iter().find(|a| a.id == first.id).ok_or("gone")?;
+        let fresh = all.iter().find(|a| {
+            a.id != first.id && a.state == p2pcdn_controller::proto::pb::ArrangementState::Active
+        });
+        match (old.state, fresh) {
+            (p2pcdn_controller::proto::pb::ArrangementState::Disbanded, Some(f)) => Ok(f.clone()),
+            _ => Err(format!("{all:?}")),
+        }
+    })
+    .await;
+    assert_eq!(second.agreement_id.as_deref(), Some("lt-standby"));
+    let rows = accounting::ledger(pair.primary.store(), Some(&first.id)).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].state, "disbanded", "{rows:?}");
+    assert!(rows[0].end_reason.contains("low-water"), "{rows:?}");
+    let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+    assert_eq!(
+        peers.len(),
+        1,
+        "only the fresh arrangement's peer: {peers:?}"
+    );
+    assert_eq!(peers[0].name, peer_name(&second.id));
+    pair.primary.shutdown().await;
+    pair.provider.shutdown().await;
 }

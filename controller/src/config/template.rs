@@ -185,6 +185,7 @@ negotiation_timeout_ms = 3000
 # sla_availability_ppm = 999000                # default: policy.sla_availability_ppm
 # sla_p99_latency_ms = 200                     # default: policy.sla_p99_latency_ms
 # duration_s = 3600                            # each activation, 1 to 604800 s; default 3600
+# standby = false                              # primary: keep it active so XDP steers at once
 
 # Services whose overflow this node may steer to peers. Default: none.
 # [[services]]

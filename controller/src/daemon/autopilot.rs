@@ -134,66 +134,87 @@ fn merge(old: LoadEvent, new: LoadEvent) -> LoadEvent {
 }
 
 async fn act(core: Arc<Core>, backend: Arc<dyn AdminBackend>, event: LoadEvent, drain: Drain) {
-    match event {
+    // The deficit of a new overload is all the excess; what active arrangements already take
+    // (standby long-term peers, steered by the kernel since the first overflowing SYN) is
+    // not asked for again. A `MoreNeeded` deficit is already the growth alone.
+    let (service, deficit, covered) = match event {
         LoadEvent::Overloaded {
             service,
             deficit_conn_per_s,
             ..
+        } => {
+            let covered: u64 = core
+                .active_primary(&service)
+                .map(|active| active.iter().map(super::granted_conn).sum())
+                .unwrap_or(0);
+            (service, deficit_conn_per_s, covered)
         }
-        | LoadEvent::MoreNeeded {
+        LoadEvent::MoreNeeded {
             service,
             deficit_conn_per_s,
-        } => {
-            // What no one covered is asked for again, a few times, a second apart (peers may
-            // not be known yet, or busy).
-            let mut wanted = u64::from(deficit_conn_per_s);
-            for attempt in 0..RETRIES {
-                if wanted == 0 {
-                    return;
-                }
-                if attempt > 0 {
-                    tokio::time::sleep(RETRY_AFTER).await;
-                }
-                let started = Instant::now();
-                let outcome = backend
-                    .negotiate(NegotiateRequest {
-                        service: service.clone(),
-                        new_connections_per_s: Some(wanted),
-                        duration_s: None,
-                    })
-                    .await;
-                let ms = started.elapsed().as_secs_f64() * 1000.0;
-                metrics::histogram!("p2pcdn_autopilot_negotiation_ms").record(ms);
-                match outcome {
-                    Ok(view) => {
-                        tracing::info!(service, wanted, covered = view.covered_connections_per_s,
-                            state = ?view.state, ms, "capacity negotiated for an overload");
-                        wanted = wanted.saturating_sub(view.covered_connections_per_s);
-                    }
-                    Err(e) => tracing::warn!(service, wanted, error = %e,
-                        "cannot negotiate capacity for an overload"),
-                }
-            }
-            if wanted > 0 {
-                tracing::warn!(
-                    service,
-                    uncovered = wanted,
-                    "overload not fully covered after {RETRIES} negotiations"
-                );
-            }
-        }
+        } => (service, deficit_conn_per_s, 0),
         LoadEvent::Recovered { service } => {
-            match super::retire_service(&core, &service, "load below the low-water mark", drain)
-                .await
-            {
-                Ok(ended) => tracing::info!(
-                    service,
-                    arrangements = ended.len(),
-                    "crowd over: arrangements retired"
-                ),
-                Err(e) => tracing::warn!(service, error = %e, "cannot retire arrangements"),
-            }
+            retire(&core, &service, drain).await;
+            return;
         }
+    };
+    // What no one covered is asked for again, a few times, a second apart (peers may
+    // not be known yet, or busy).
+    let mut wanted = u64::from(deficit).saturating_sub(covered);
+    if covered > 0 {
+        tracing::info!(
+            service,
+            deficit,
+            covered,
+            "overload: active arrangements already cover part of the deficit"
+        );
+    }
+    for attempt in 0..RETRIES {
+        if wanted == 0 {
+            return;
+        }
+        if attempt > 0 {
+            tokio::time::sleep(RETRY_AFTER).await;
+        }
+        let started = Instant::now();
+        let outcome = backend
+            .negotiate(NegotiateRequest {
+                service: service.clone(),
+                new_connections_per_s: Some(wanted),
+                duration_s: None,
+            })
+            .await;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("p2pcdn_autopilot_negotiation_ms").record(ms);
+        match outcome {
+            Ok(view) => {
+                tracing::info!(service, wanted, covered = view.covered_connections_per_s,
+                    state = ?view.state, ms, "capacity negotiated for an overload");
+                wanted = wanted.saturating_sub(view.covered_connections_per_s);
+            }
+            Err(e) => tracing::warn!(service, wanted, error = %e,
+                "cannot negotiate capacity for an overload"),
+        }
+    }
+    if wanted > 0 {
+        tracing::warn!(
+            service,
+            uncovered = wanted,
+            "overload not fully covered after {RETRIES} negotiations"
+        );
+    }
+}
+
+/// The crowd is over: every active arrangement of `service` is drained and disbanded with its
+/// accounting (standby ones too: the keeper arms a fresh one for the next crowd).
+async fn retire(core: &Arc<Core>, service: &str, drain: Drain) {
+    match super::retire_service(core, service, "load below the low-water mark", drain).await {
+        Ok(ended) => tracing::info!(
+            service,
+            arrangements = ended.len(),
+            "crowd over: arrangements retired"
+        ),
+        Err(e) => tracing::warn!(service, error = %e, "cannot retire arrangements"),
     }
 }
 

@@ -233,6 +233,7 @@ impl Backend {
             req
         };
         let candidates: Vec<Candidate> = core.registry.candidates(now_ms());
+        let already = core.active_primary(&service.name).map_err(internal)?;
         let mut base: Option<String> = None;
         let mut steps = 0_usize;
         let mut covered: u64 = 0;
@@ -248,6 +249,15 @@ impl Backend {
         {
             if covered >= u64::from(wanted) {
                 break;
+            }
+            // An agreement already active for the service (a standby peer, or an earlier
+            // overload's) is in use: activating it twice would double what was agreed.
+            if already.iter().any(|a| {
+                a.agreement_id.as_deref() == Some(agreement.agreement_id.as_str())
+                    && a.peer == agreement.peer
+            }) {
+                used.push(agreement.peer);
+                continue;
             }
             let Some(peer) = candidates.iter().find(|c| c.fingerprint == agreement.peer) else {
                 details.push(format!(
