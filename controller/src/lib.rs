@@ -25,6 +25,7 @@ pub mod peering_agent;
 pub mod policy;
 pub mod proto;
 pub mod registry;
+pub mod sampler;
 pub mod steering;
 pub mod store;
 pub mod surrogate;
