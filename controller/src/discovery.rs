@@ -178,6 +178,78 @@ impl Transport for PreBound {
 /// footprint, modes). Discovery fills node id, key, gossip endpoint, sequence, times.
 pub type AdvertSource = Arc<dyn Fn() -> pb::Advertisement + Send + Sync + 'static>;
 
+/// Prefix of the chitchat keys that carry signed statements besides the advert (reputation
+/// reports: `rep:<subject fingerprint>`).
+pub const BOARD_PREFIX: &str = "rep:";
+/// Longest board value read from another node (a base64 signed report).
+pub const MAX_BOARD_VALUE: usize = 4096;
+
+/// Signed statements spread with the membership gossip: each node publishes its own under
+/// [`BOARD_PREFIX`] keys in its chitchat state, and reads everyone else's. Values are opaque
+/// here; their signatures are checked by whoever reads them.
+#[derive(Clone)]
+pub struct Board {
+    chitchat: Arc<Mutex<Chitchat>>,
+    self_id: Fingerprint,
+}
+
+/// One statement read from the board.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoardEntry {
+    /// The node whose gossip state carries it (not yet verified to be its author).
+    pub from: Fingerprint,
+    /// The key without [`BOARD_PREFIX`].
+    pub key: String,
+    pub value: String,
+    /// Chitchat's version of the key: a changed statement has a higher one.
+    pub version: u64,
+}
+
+impl std::fmt::Debug for Board {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Board")
+            .field("self_id", &self.self_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Board {
+    /// Publishes (or replaces) this node's statement under `key`.
+    pub async fn publish(&self, key: &str, value: &str) {
+        self.chitchat
+            .lock()
+            .await
+            .self_node_state()
+            .set(format!("{BOARD_PREFIX}{key}"), value);
+    }
+
+    /// Every other live or recently seen node's statements; oversized values are skipped.
+    pub async fn read(&self) -> Vec<BoardEntry> {
+        let chitchat = self.chitchat.lock().await;
+        let mut out = Vec::new();
+        for (id, state) in chitchat.node_states() {
+            let Ok(from) = id.node_id.parse::<Fingerprint>() else {
+                continue;
+            };
+            if from == self.self_id {
+                continue;
+            }
+            for (key, versioned) in state.iter_prefix(BOARD_PREFIX) {
+                if versioned.is_deleted() || versioned.value.len() > MAX_BOARD_VALUE {
+                    continue;
+                }
+                out.push(BoardEntry {
+                    from,
+                    key: key[BOARD_PREFIX.len()..].to_owned(),
+                    value: versioned.value.clone(),
+                    version: versioned.version,
+                });
+            }
+        }
+        out
+    }
+}
+
 /// The running discovery. [`Discovery::shutdown`] stops it; dropping it aborts it.
 pub struct Discovery {
     chitchat: Option<ChitchatHandle>,
@@ -316,6 +388,14 @@ impl Discovery {
     /// How many other nodes are alive with an unexpired advert.
     pub fn known(&self) -> usize {
         self.registry.known(now_ms())
+    }
+
+    /// The board of signed statements spread with this node's gossip.
+    pub fn board(&self) -> Option<Board> {
+        self.chitchat.as_ref().map(|handle| Board {
+            chitchat: handle.chitchat(),
+            self_id: self.registry.self_id(),
+        })
     }
 
     /// Fires whenever the registry changes (an advert or a liveness).

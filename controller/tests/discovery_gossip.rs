@@ -449,3 +449,54 @@ fn the_config_section_converts_with_its_defaults() {
             .contains("dead_after")
     );
 }
+
+/// Statements published on one node's board reach every other node with the gossip, under
+/// the publisher's id; a replaced statement arrives with a higher version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn board_statements_spread_with_the_gossip() {
+    let (_, nodes) = four_nodes(50).await;
+    let (author, board) = (&nodes[1].0, nodes[1].1.board().unwrap());
+    let subject = nodes[2].0.fingerprint.to_string();
+    board.publish(&subject, "first").await;
+    let readers: Vec<_> = nodes.iter().map(|(_, d)| d.board().unwrap()).collect();
+    let mut seen = Vec::new();
+    for (i, reader) in readers.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let entries = loop {
+            let entries = reader.read().await;
+            if i == 1 || entries.iter().any(|e| e.value == "first") || Instant::now() > deadline {
+                break entries;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if i == 1 {
+            assert!(
+                entries.is_empty(),
+                "a node does not read its own statements: {entries:?}"
+            );
+            continue;
+        }
+        let entry = entries
+            .iter()
+            .find(|e| e.value == "first")
+            .unwrap_or_else(|| panic!("node {i} never saw the statement: {entries:?}"));
+        assert_eq!(entry.from, author.fingerprint);
+        assert_eq!(entry.key, subject);
+        seen.push(entry.version);
+    }
+    board.publish(&subject, "second").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let entries = readers[0].read().await;
+        if let Some(e) = entries.iter().find(|e| e.value == "second") {
+            assert!(e.version > seen[0], "{e:?}");
+            assert_eq!(entries.len(), 1, "replaced, not added: {entries:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replacement never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (_, d) in nodes {
+        d.shutdown().await;
+    }
+}
