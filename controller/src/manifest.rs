@@ -510,15 +510,26 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Delta {
     delta
 }
 
-/// Ranks a hot list: one path per line (`/a.css`), or request counts as `PATH COUNT` or
-/// `COUNT PATH` (the output of `sort | uniq -c`). Empty lines and `#` comments are skipped, a
-/// query string is cut off, counts of a repeated path add up. Most requested first; paths
-/// without a count keep their order after those with one.
+/// Ranks a hot list: one path per line (`/a.css`), request counts as `PATH COUNT` or
+/// `COUNT PATH` (the output of `sort | uniq -c`), or the web server's access log itself
+/// (Common or Combined Log Format, as nginx and Apache write it: each `GET`/`HEAD` answered
+/// with a 2xx or 3xx status counts one request; other lines of the log, such as scanners'
+/// junk requests, are skipped). Empty lines and `#` comments are skipped, a query string is
+/// cut off, counts of a repeated path add up. Most requested first; paths without a count
+/// keep their order after those with one.
 pub fn rank_hot_list(text: &str) -> Result<Vec<String>, ManifestError> {
     let mut counts: HashMap<String, (u64, usize)> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(logged) = access_log_request(line) {
+            if let Some(path) = logged {
+                let order = counts.len();
+                let slot = counts.entry(path).or_insert((0, order));
+                slot.0 = slot.0.saturating_add(1);
+            }
             continue;
         }
         let field = || format!("hot list line {}", n + 1);
@@ -555,6 +566,33 @@ pub fn rank_hot_list(text: &str) -> Result<Vec<String>, ManifestError> {
     let mut ranked: Vec<(String, (u64, usize))> = counts.into_iter().collect();
     ranked.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.1.1.cmp(&b.1.1)));
     Ok(ranked.into_iter().map(|(path, _)| path).collect())
+}
+
+/// `None` if `line` is not an access-log line; `Some(None)` for one that does not count (not
+/// a successful `GET`/`HEAD`, or a path the manifest could not hold); else the path.
+fn access_log_request(line: &str) -> Option<Option<String>> {
+    // `... "METHOD TARGET PROTOCOL" STATUS SIZE ...`
+    let open = line.find('"')?;
+    let rest = &line[open + 1..];
+    let close = rest.find('"')?;
+    let request = &rest[..close];
+    // A quoted field followed by a three-digit status is a log line, whatever it requested.
+    let status: u16 = rest[close + 1..].split_whitespace().next()?.parse().ok()?;
+    if !(100..600).contains(&status) {
+        return None;
+    }
+    let words: Vec<&str> = request.split(' ').collect();
+    let [method, target, protocol] = words.as_slice() else {
+        return Some(None);
+    };
+    if !protocol.starts_with("HTTP/")
+        || !matches!(*method, "GET" | "HEAD")
+        || !(200..400).contains(&status)
+    {
+        return Some(None);
+    }
+    let path = target.split(['?', '#']).next().unwrap_or(target);
+    Some(check_path(path).ok().map(|()| path.to_owned()))
 }
 
 fn parse_count(text: &str) -> Option<u64> {

@@ -334,3 +334,23 @@ fn hot_lists_rank_by_count_in_either_column_order() {
     assert!(err.to_string().contains("line 1"), "{err}");
     assert!(rank_hot_list("a b c\n").is_err());
 }
+
+#[test]
+fn hot_lists_read_an_nginx_access_log_directly() {
+    let log = r#"192.0.2.7 - - [22/Nov/2026:12:00:01 +0000] "GET /b.js HTTP/1.1" 200 512 "-" "curl/8"
+192.0.2.8 - - [22/Nov/2026:12:00:02 +0000] "GET /a.css?v=2 HTTP/2.0" 200 90 "https://shop.test/" "Mozilla/5.0"
+192.0.2.9 - - [22/Nov/2026:12:00:03 +0000] "GET /a.css HTTP/1.1" 304 0 "-" "Mozilla/5.0"
+192.0.2.9 - - [22/Nov/2026:12:00:04 +0000] "HEAD /a.css HTTP/1.1" 200 0 "-" "Mozilla/5.0"
+192.0.2.9 - - [22/Nov/2026:12:00:05 +0000] "POST /a.css HTTP/1.1" 200 0 "-" "-"
+192.0.2.9 - - [22/Nov/2026:12:00:06 +0000] "GET /missing.png HTTP/1.1" 404 0 "-" "-"
+192.0.2.9 - - [22/Nov/2026:12:00:07 +0000] "GET /../../etc/passwd HTTP/1.1" 400 0 "-" "-"
+192.0.2.9 - - [22/Nov/2026:12:00:08 +0000] "GET /x/../../y HTTP/1.1" 200 0 "-" "-"
+192.0.2.9 - - [22/Nov/2026:12:00:09 +0000] "\x16\x03\x01" 400 0 "-" "-"
+"#;
+    let ranked = rank_hot_list(log).unwrap();
+    assert_eq!(
+        ranked,
+        vec!["/a.css", "/b.js"],
+        "3 successful requests for /a.css, 1 for /b.js; errors, POSTs and junk do not count"
+    );
+}

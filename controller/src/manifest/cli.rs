@@ -63,8 +63,10 @@ pub struct BuildArgs {
     #[arg(long, default_value_t = 7 * 24 * 3600,
           value_parser = clap::value_parser!(u64).range(1..=(MAX_TTL_MS / 1000) as u64))]
     ttl_s: u64,
-    /// Hot set: one path per line, or request counts (`PATH COUNT` or `COUNT PATH`); only
-    /// paths in the manifest are kept, most requested first.
+    /// Hot set: one path per line, request counts (`PATH COUNT` or `COUNT PATH`), or the web
+    /// server's access log (Common/Combined Log Format, e.g. nginx's access.log: successful
+    /// GET/HEAD requests are counted); only paths in the manifest are kept, most requested
+    /// first.
     #[arg(long, value_name = "FILE")]
     hot: Option<PathBuf>,
     /// Cache-Control of every entry (default: the origin's header with --paths, else
