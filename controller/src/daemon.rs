@@ -1496,10 +1496,13 @@ impl Core {
         cause: &DisbandCause,
     ) -> Result<ArrangementRecord, DisbandError> {
         let ours = self.local_usage(&a.id);
-        let settlement = a
-            .terms
-            .as_ref()
-            .map(|t| settle(t, &ours, self.breaches_of(&a.id)));
+        // Terminated for cause (served corrupted content): the agreed penalty in full.
+        let breaches = if cause.reason == pb::DisbandReason::Dishonest {
+            u32::MAX
+        } else {
+            self.breaches_of(&a.id)
+        };
+        let settlement = a.terms.as_ref().map(|t| settle(t, &ours, breaches));
         let mut detail = format!("{}: {}", cause.reason.as_str_name(), cause.detail);
         if let Some(control) = self.control_of(&a) {
             let request = pb::DisbandRequest {

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::{
     accounting::{Reading, UsageCounter},
-    model::{Role, now_ms},
+    model::{Fingerprint, Role, now_ms},
     peering_agent::ArrangementHooks,
     proto::pb,
     store::{ArrangementRecord, Store, UsageEntry, UsageKind, UsageSource},
@@ -97,6 +97,9 @@ struct Inner {
     provider: Mutex<ProviderState>,
     /// Keeps the ledger cumulative when data-plane counters restart.
     counter: Mutex<UsageCounter>,
+    /// Primary: each provider's trust factor in `[0, 1]` (1 when not set), which scales its
+    /// Maglev weight: weights ∝ capacity × trust.
+    trust: Mutex<HashMap<Fingerprint, f64>>,
 }
 
 /// What active provider arrangements share, by user.
@@ -151,6 +154,7 @@ impl Steering {
                 settings,
                 provider: Mutex::new(ProviderState::default()),
                 counter: Mutex::new(UsageCounter::default()),
+                trust: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -200,11 +204,52 @@ impl Steering {
         spec.encap = encap;
         spec.gue_port = self.inner.settings.gue_port;
         spec.mtu = self.inner.settings.mtu;
-        // Maglev weight ∝ the capacity the provider agreed to take.
-        spec.weight = rate;
+        // Maglev weight ∝ the capacity the provider agreed to take × how far it is trusted.
+        spec.weight = weight(rate, self.trust_factor(&a.peer));
         spec.rate = Some(rate);
         spec.services = PeerServices::Only(vec![service]);
         Ok(spec)
+    }
+
+    /// Primary: the trust factor of `peer` (1 when none was set).
+    pub fn trust_factor(&self, peer: &Fingerprint) -> f64 {
+        lock(&self.inner.trust).get(peer).copied().unwrap_or(1.0)
+    }
+
+    /// Primary: sets `peer`'s trust factor (clamped to `[0, 1]`) for this and later
+    /// activations, and rewrites the weights of `active`, its arrangements in the data plane.
+    /// Factor 0 takes the peer out of the Maglev table (new flows only).
+    pub fn set_trust_factor(
+        &self,
+        peer: Fingerprint,
+        factor: f64,
+        active: &[ArrangementRecord],
+    ) -> Result<(), String> {
+        let factor = if factor.is_finite() {
+            factor.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        lock(&self.inner.trust).insert(peer, factor);
+        let configured: HashSet<String> = lock(&self.inner.dataplane)
+            .peers()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        for a in active
+            .iter()
+            .filter(|a| a.peer == peer && a.role == Role::Primary)
+        {
+            let spec = self.peer_spec(a)?;
+            if !configured.contains(&spec.name) {
+                continue;
+            }
+            lock(&self.inner.dataplane)
+                .set_peer(&spec)
+                .map_err(|e| format!("cannot reweigh peer {}: {e}", spec.name))?;
+        }
+        Ok(())
     }
 
     /// Primary: no new flows to the arrangement's peer; established ones keep going to it.
@@ -590,6 +635,15 @@ impl ArrangementHooks for Steering {
     }
 }
 
+/// The Maglev weight of `rate` granted connections/s at trust `factor`: 0 only at factor 0.
+fn weight(rate: u32, factor: f64) -> u32 {
+    if factor <= 0.0 {
+        return 0;
+    }
+    let scaled = (f64::from(rate) * factor.min(1.0)).round();
+    (scaled as u32).max(1)
+}
+
 /// Packets and bytes counted since a baseline; a counter below its baseline was recreated
 /// (the source was denied and allowed again), so all of it is new.
 fn since(base_packets: u64, base_bytes: u64, now: &redirector_user::DecapCounters) -> (u64, u64) {
@@ -634,4 +688,23 @@ fn block_on_bounded<F: std::future::Future>(
     }
     tokio::task::block_in_place(|| handle.block_on(tokio::time::timeout(timeout, future)))
         .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::weight;
+
+    #[test]
+    fn weights_scale_with_trust_and_only_zero_trust_removes_a_peer() {
+        assert_eq!(weight(400, 1.0), 400);
+        assert_eq!(weight(400, 0.5), 200);
+        assert_eq!(
+            weight(400, 0.0001),
+            1,
+            "a little trust keeps a little weight"
+        );
+        assert_eq!(weight(400, 0.0), 0);
+        assert_eq!(weight(400, -1.0), 0);
+        assert_eq!(weight(400, 7.0), 400, "never above the capacity's share");
+    }
 }
