@@ -106,6 +106,10 @@ pub struct Config {
     /// The overload detector (with a `[dataplane]`).
     #[serde(default)]
     pub monitor: crate::monitor::MonitorConfig,
+    /// Tuning of the local admission rates to the origin's signals (with a `[dataplane]`);
+    /// `None`: the rates stay as configured.
+    #[serde(default)]
+    pub admission: Option<crate::signals::AdmissionConfig>,
 }
 
 /// `[node]`: who this node is and where it listens for peers.
@@ -590,6 +594,10 @@ pub struct ServiceConfig {
     /// default `resources.new_connections_per_s`.
     #[serde(default)]
     pub capacity_conn_per_s: Option<u32>,
+    /// `http://` URL whose answer time tells how the origin copes (for example nginx's
+    /// `stub_status`), read by `[admission]`; default none.
+    #[serde(default, deserialize_with = "de_opt_url")]
+    pub origin_status_url: Option<String>,
 }
 
 impl ServiceConfig {
@@ -731,11 +739,24 @@ impl Config {
         if let Some((key, reason)) = self.monitor.problem() {
             return Err(self.invalid(format!("monitor.{key}"), reason));
         }
+        if let Some((key, reason)) = self.admission.as_ref().and_then(|a| a.problem()) {
+            return Err(self.invalid(format!("admission.{key}"), reason));
+        }
         for (i, svc) in self.services.iter().enumerate() {
             if svc.capacity_conn_per_s == Some(0) {
                 return Err(self.invalid(
                     format!("services[{i}].capacity_conn_per_s"),
                     "must be at least 1 (leave it out for resources.new_connections_per_s)",
+                ));
+            }
+            if svc
+                .origin_status_url
+                .as_deref()
+                .is_some_and(|u| !u.starts_with("http://"))
+            {
+                return Err(self.invalid(
+                    format!("services[{i}].origin_status_url"),
+                    "must be an http:// URL (a status page on the origin's own network)",
                 ));
             }
         }

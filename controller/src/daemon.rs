@@ -657,10 +657,26 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
                     kept_local: s.kept_local,
                 })
             });
+            // The admission rate follows the origin's signals when `[admission]` says so, and
+            // the detector compares arrivals with the tuned rate.
+            let tuned = core.config.admission.map(|admission| {
+                let (tx, rx) = watch::channel(capacity);
+                tasks.spawn(crate::signals::tune(
+                    service.name.clone(),
+                    capacity,
+                    service.origin_status_url.clone(),
+                    admission,
+                    steering.dataplane().clone(),
+                    tx,
+                    stop_rx.clone(),
+                ));
+                rx
+            });
             tasks.spawn(monitor::run(
                 detector,
                 source,
                 load_events.clone(),
+                tuned,
                 stop_rx.clone(),
             ));
         }

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod proto;
 pub mod registry;
 pub mod sampler;
+pub mod signals;
 pub mod steering;
 pub mod store;
 pub mod surrogate;

@@ -157,6 +157,12 @@ impl Detector {
         self.state
     }
 
+    /// The service's capacity changed (the admission rate was tuned to the origin): later
+    /// readings are compared with `capacity_conn_per_s`.
+    pub fn set_capacity(&mut self, capacity_conn_per_s: u32) {
+        self.capacity = capacity_conn_per_s.max(1);
+    }
+
     /// The arrival rate over the window, new connections/s (`None` until two readings).
     pub fn rate(&self) -> Option<f64> {
         let (t0, c0) = *self.samples.front()?;
@@ -284,6 +290,7 @@ pub async fn run(
     mut detector: Detector,
     mut source: CounterSource,
     events: mpsc::Sender<LoadEvent>,
+    mut capacity: Option<watch::Receiver<u32>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut ticker =
@@ -324,6 +331,11 @@ pub async fn run(
                 continue;
             }
         };
+        if let Some(rx) = capacity.as_mut()
+            && rx.has_changed().unwrap_or(false)
+        {
+            detector.set_capacity(*rx.borrow_and_update());
+        }
         let event = detector.observe(crate::model::now_ms(), counters);
         if let Some(rate) = detector.rate() {
             metrics::gauge!("p2pcdn_arrivals_conn_per_s", "service" => service.clone()).set(rate);

@@ -197,6 +197,7 @@ const KEYS: &[&str] = &[
     "services.manifest_url",
     "services.duration_s",
     "services.capacity_conn_per_s",
+    "services.origin_status_url",
     "dataplane.iface",
     "dataplane.pin_root",
     "dataplane.install_services",
@@ -216,6 +217,12 @@ const KEYS: &[&str] = &[
     "monitor.enter_ms",
     "monitor.exit_ms",
     "monitor.headroom_percent",
+    "admission.interval_ms",
+    "admission.latency_target_ms",
+    "admission.psi_high_percent",
+    "admission.min_percent",
+    "admission.increase_percent",
+    "admission.decrease_percent",
 ];
 
 /// `key = value` lines of the file, commented out or not, with the table they are in and

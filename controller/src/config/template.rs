@@ -195,6 +195,7 @@ negotiation_timeout_ms = 3000
 # manifest_url = "https://origin.example.net/video/manifest"   # default none
 # duration_s = 3600                            # arrangements requested for, 1 to 604800 s
 # capacity_conn_per_s = 1000                   # local admission; default resources.new_connections_per_s
+# origin_status_url = "http://127.0.0.1:8080/nginx_status"  # read by [admission]; default none
 
 # The XDP redirector this node programs (attach it first: p2pcdn-redirector -i IFACE attach).
 # Without this section the node negotiates but steers nothing and allows no tunnels.
@@ -222,6 +223,17 @@ enter_ms = 500
 exit_ms = 10000
 # Capacity asked for on top of the excess, percent. Default: 20.
 headroom_percent = 20
+
+# Tuning of each service's local admission rate to what the origin sustains (AIMD on the
+# origin's answer time and the host's pressure, docs/flash-crowd.md). Without this section the
+# rates stay as configured.
+# [admission]
+# interval_ms = 1000                           # signals read this often, 50 to 60000
+# latency_target_ms = 200                      # origin_status_url slower than this: congested
+# psi_high_percent = 80                        # /proc/pressure some avg10 above: congested; 0 off
+# min_percent = 20                             # never below this share of the capacity
+# increase_percent = 5                         # per healthy interval, of the capacity
+# decrease_percent = 30                        # on congestion, of the current rate
 
 # The surrogate that serves primaries' content under this node's provider arrangements.
 # [surrogate]
