@@ -339,6 +339,8 @@ pub(crate) struct Core {
     breaches: Mutex<HashMap<String, u32>>,
     /// Primary arrangements recovered at start, not yet re-confirmed by their provider.
     unconfirmed: Mutex<std::collections::HashSet<String>>,
+    /// Primary arrangements being retired (drained, waiting for their flows to end).
+    draining: Mutex<std::collections::HashSet<String>>,
     running_negotiations: AtomicU64,
     /// Asks for a fresh advertisement (spare capacity changed).
     refresh: Arc<Notify>,
@@ -583,6 +585,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         degraded: Mutex::new(HashMap::new()),
         breaches: Mutex::new(HashMap::new()),
         unconfirmed: Mutex::new(std::collections::HashSet::new()),
+        draining: Mutex::new(std::collections::HashSet::new()),
         running_negotiations: AtomicU64::new(0),
         refresh,
         stopping: AtomicBool::new(false),
@@ -1310,7 +1313,10 @@ impl Core {
             Ok(rtt) => {
                 metrics::histogram!("p2pcdn_probe_ms").record(rtt.as_secs_f64() * 1000.0);
                 Self::lock(&self.probe_failures).remove(&a.id);
-                if Self::lock(&self.degraded).remove(&a.id).is_some() {
+                // A provider being retired stays drained (weight 0) even when it recovers.
+                if Self::lock(&self.degraded).remove(&a.id).is_some()
+                    && !Self::lock(&self.draining).contains(&a.id)
+                {
                     match off_the_workers(|| steering.activated(a)) {
                         Ok(()) => tracing::info!(arrangement = %a.id, peer = %a.peer.short(),
                             "provider healthy again: steering to it again"),
@@ -1408,6 +1414,7 @@ impl Core {
             && a.state == State::Active
         {
             let record = a.clone();
+            Self::lock(&self.draining).insert(id.to_owned());
             let drained = tokio::task::spawn_blocking({
                 let steering = steering.clone();
                 let record = record.clone();
@@ -1441,7 +1448,9 @@ impl Core {
                     "cannot drain; disbanding at once"),
             }
         }
-        self.disband(id, cause).await
+        let result = self.disband(id, cause).await;
+        Self::lock(&self.draining).remove(id);
+        result
     }
 
     async fn disband_logged(&self, id: &str, cause: DisbandCause) {
