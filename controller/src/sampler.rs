@@ -299,6 +299,36 @@ async fn fetch(
     result
 }
 
+/// The SHA-256 of bytes `range` of `path` at the primary's own origin (`origin`, the
+/// manifest's base URL): the reference a provider's slice is compared with.
+pub async fn origin_digest(
+    origin: &str,
+    path: &str,
+    range: (u64, u64),
+    timeout: Duration,
+) -> Result<[u8; 32], String> {
+    let url = format!("{}{path}", origin.trim_end_matches('/'));
+    let want = Entry {
+        path: path.to_owned(),
+        size: range.1 - range.0 + 1,
+        sha256: [0; 32],
+        content_type: String::new(),
+        etag: String::new(),
+        cache_control: String::new(),
+        last_modified_ms: None,
+    };
+    let mut latency = None;
+    match tokio::time::timeout(timeout, fetch(&url, None, Some(range), &want, &mut latency)).await {
+        Ok(Ok(body)) if body.bytes == want.size => Ok(body.digest),
+        Ok(Ok(body)) => Err(format!(
+            "the origin sent {} bytes for a slice of {}",
+            body.bytes, want.size
+        )),
+        Ok(Err(Failure::Unavailable(e) | Failure::Corrupted(e, _))) => Err(e),
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
 /// How many samples a provider gets: at most `share` of the connections steered to it, and
 /// one every `idle_every` when it carries little or nothing (candidates and idle standbys are
 /// vetted too).
@@ -500,5 +530,63 @@ mod tests {
             "idle providers are vetted too"
         );
         assert!(!b.due(0, Duration::from_secs(4)));
+    }
+
+    #[tokio::test]
+    async fn a_slice_is_checked_against_the_origins_same_slice() {
+        use axum::http::HeaderMap;
+        // Both serve ranges of their body; the "provider" flips one byte of its copy.
+        async fn ranged(body: Vec<u8>) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let app = Router::new().fallback(get(move |headers: HeaderMap| {
+                let body = body.clone();
+                async move {
+                    let range = headers
+                        .get(header::RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("bytes="))
+                        .and_then(|v| v.split_once('-'))
+                        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+                    match range {
+                        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, body[a..=b].to_vec()),
+                        None => (StatusCode::OK, body),
+                    }
+                }
+            }));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            format!("http://{addr}")
+        }
+        let original: Vec<u8> = (0..2000_u32).map(|i| (i % 251) as u8).collect();
+        let mut tampered = original.clone();
+        tampered[1500] ^= 0xff;
+        let origin = ranged(original.clone()).await;
+        let mut e = entry("/big.bin", &original);
+        e.size = original.len() as u64;
+        for (provider_body, range, good) in [
+            (original.clone(), (1000, 1999), true),
+            (tampered.clone(), (1000, 1999), false),
+            (tampered, (0, 999), true),
+        ] {
+            let provider = ranged(provider_body).await;
+            let reference = origin_digest(&origin, "/big.bin", range, T).await.unwrap();
+            let s = sample(
+                1,
+                &target(provider, None),
+                &e,
+                Some(range),
+                Some(reference),
+                T,
+            )
+            .await;
+            if good {
+                assert_eq!(s.verdict, Verdict::Verified, "{range:?} {s:?}");
+            } else {
+                assert!(
+                    matches!(&s.verdict, Verdict::Corrupted(d) if d.contains("differ from the origin")),
+                    "{s:?}"
+                );
+            }
+        }
     }
 }
