@@ -5,6 +5,7 @@
 //! For the flash-crowd demo and load test: an open-loop load generator ([`loadgen`]), a
 //! capacity-limited origin web server ([`origin`]) and run reports ([`report`]).
 
+pub mod flashcrowd;
 pub mod harness;
 pub mod http;
 pub mod loadgen;
