@@ -918,6 +918,11 @@ impl FlashCrowd {
         let client = testbed.host("client").clone();
         let edge = testbed.host("edge").clone();
         testbed.route("client", &format!("{SERVICE}/32"), edge.v4.into())?;
+        // One client address stands for a crowd of clients: with the default port range
+        // (about 28,000 ports) a 1,000/s crowd reuses 5-tuples within half a minute, and a
+        // SYN on a 5-tuple still in the edge's flow table follows the old flow (admission
+        // and steering are bypassed). The whole range keeps a 30 s crowd on fresh tuples.
+        testbed.set_sysctls("client", &[("net.ipv4.ip_local_port_range", "1024 65535")])?;
 
         log(&format!(
             "XDP redirector ({} mode) on the edge{}",
@@ -1709,4 +1714,145 @@ mod tests {
         bad.peers[0].name = "edge".to_owned();
         assert!(bad.validate().is_err());
     }
+}
+
+/// A crowd's schedule: `base` requests/s for `before`, `crowd` for `during`, `base` again
+/// for `after`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Schedule {
+    pub base: f64,
+    pub crowd: f64,
+    #[serde(serialize_with = "ser_secs")]
+    pub before: Duration,
+    #[serde(serialize_with = "ser_secs")]
+    pub during: Duration,
+    #[serde(serialize_with = "ser_secs")]
+    pub after: Duration,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl Schedule {
+    pub fn phases(&self) -> Vec<loadgen::Phase> {
+        vec![
+            loadgen::Phase::new(self.base, self.before),
+            loadgen::Phase::new(self.crowd, self.during),
+            loadgen::Phase::new(self.base, self.after),
+        ]
+    }
+
+    /// When the crowd begins, from the start of the load.
+    pub fn onset(&self) -> Duration {
+        self.before
+    }
+
+    /// When it ends.
+    pub fn end_of_crowd(&self) -> Duration {
+        self.before + self.during
+    }
+
+    pub fn length(&self) -> Duration {
+        self.before + self.during + self.after
+    }
+}
+
+/// What one run of a scenario ([`run_scenario`]) measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScenarioResult {
+    pub label: String,
+    pub peering: bool,
+    /// The load report, the peers' answers split by peer ([`CrowdRun::by_peer`]).
+    pub report: LoadReport,
+    pub timeline: Timeline,
+    /// p50 and p99 of the requests started before the crowd (the unloaded service).
+    pub unloaded_p50_ms: Option<f64>,
+    pub unloaded_p99_ms: Option<f64>,
+    /// Success rate of the requests started during the crowd.
+    pub crowd_success_rate: Option<f64>,
+    pub samples: Vec<Sample>,
+    /// The edge's primary arrangements after the run (and the disbands).
+    pub arrangements: Vec<ArrangementBrief>,
+    /// The edge's ledger after the crowd's arrangements were disbanded.
+    pub ledger: Vec<LedgerRow>,
+    /// Edge daemon start → every peer known; → standby arrangements active.
+    pub discovery_ms: Option<f64>,
+    pub standby_ready_ms: Option<f64>,
+    /// Arrangements of the crowd not disbanded within [`WAIT`] after the load.
+    pub not_disbanded: Vec<String>,
+}
+
+/// Builds the testbed of `config`, runs `schedule` against it with `live` called every
+/// second, waits (at most [`WAIT`]) until the arrangements that served the crowd are
+/// disbanded, collects the figures and tears the testbed down.
+pub fn run_scenario(
+    label: &str,
+    config: CrowdConfig,
+    schedule: &Schedule,
+    log: &mut dyn FnMut(&str),
+    live: impl FnMut(&LiveSecond),
+) -> Result<ScenarioResult, CrowdError> {
+    let peering = config.peering;
+    let crowd = FlashCrowd::start(config, log)?;
+    let run = crowd.run_load(crowd.load_config(schedule.phases()), live)?;
+    let timeline = crowd.timeline(&run, schedule.onset());
+    let crowd_end = run.started_unix_ms
+        + i64::try_from(schedule.end_of_crowd().as_millis()).unwrap_or(i64::MAX)
+        + 500;
+    let served: Vec<String> = run
+        .arrangements
+        .iter()
+        .filter(|a| a.activated_ms.is_some_and(|t| t <= crowd_end))
+        .map(|a| a.id.clone())
+        .collect();
+    let mut not_disbanded = Vec::new();
+    let ledger = if served.is_empty() {
+        crowd.edge_ledger().unwrap_or_default()
+    } else {
+        log("waiting for the crowd's arrangements to be drained and disbanded");
+        let done = |rows: &[LedgerRow]| {
+            served.iter().all(|id| {
+                rows.iter()
+                    .any(|r| r.arrangement == *id && r.state == "disbanded" && r.peer_final)
+            })
+        };
+        match crowd.wait_ledger("the crowd's arrangements disbanded", WAIT, done) {
+            Ok(rows) => rows,
+            Err(e) => {
+                log(&format!("{e}"));
+                let rows = crowd.edge_ledger().unwrap_or_default();
+                not_disbanded = served
+                    .iter()
+                    .filter(|id| {
+                        !rows
+                            .iter()
+                            .any(|r| r.arrangement == **id && r.state == "disbanded")
+                    })
+                    .cloned()
+                    .collect();
+                rows
+            }
+        }
+    };
+    let arrangements = crowd.arrangements().unwrap_or(run.arrangements.clone());
+    let result = ScenarioResult {
+        label: label.to_owned(),
+        peering,
+        report: run.by_peer(),
+        timeline,
+        unloaded_p50_ms: latency_quantile(&run.report, Duration::ZERO, schedule.onset(), 0.5),
+        unloaded_p99_ms: latency_quantile(&run.report, Duration::ZERO, schedule.onset(), 0.99),
+        crowd_success_rate: success_rate(&run.report, schedule.onset(), schedule.end_of_crowd()),
+        samples: run.samples,
+        arrangements,
+        ledger,
+        discovery_ms: crowd.discovery.map(|d| d.as_secs_f64() * 1000.0),
+        standby_ready_ms: crowd.standby_ready.map(|d| d.as_secs_f64() * 1000.0),
+        not_disbanded,
+    };
+    let id = crowd.testbed_id().to_owned();
+    drop(crowd);
+    log(&format!("removed namespaces {id}-* and their pins"));
+    Ok(result)
 }

@@ -117,14 +117,16 @@ fn require_privileges(what: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `cargo xtask demo`.
+/// `cargo xtask demo`: the flash-crowd demo (bin `demo`: a crowd without and with peering
+/// on a netns testbed, live view, report, `target/demo/`). The data-plane-only scenario is
+/// still there: `cargo run --release -p p2pcdn-tests --bin demo-dataplane`.
 pub fn demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
     const PACKAGE: &str = "p2pcdn-tests";
-    const BIN: &str = "demo-dataplane";
+    const BIN: &str = "demo";
     require_privileges("the demo")?;
     let metadata = Metadata::load(root)?;
     metadata.require_bin(PACKAGE, BIN)?;
-    // The demo runs the p2pcdn-redirector CLI from target/release.
+    // The demo runs the p2pcdn-redirector CLI and the p2pcdn daemons from target/release.
     crate::build(root, true)?;
     let mut cmd = run::cargo(root);
     cmd.env(REDIRECTOR_VAR, release_redirector(&metadata))
