@@ -16,3 +16,4 @@ pub mod privilege;
 pub mod redirector;
 pub mod report;
 pub mod scenario;
+pub mod wrk;
