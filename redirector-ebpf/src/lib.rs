@@ -286,13 +286,19 @@ pub const DECISION_LOCAL: u8 = 1;
 /// `FlowValue::decision`: tunnelled to `FlowValue::peer`.
 pub const DECISION_STEERED: u8 = 2;
 
+/// `FlowValue::flags`: a packet other than a SYN followed the decision, so the client's
+/// connection was established. A later SYN for the same 5-tuple is then a new connection on a
+/// reused port (decided afresh), not a retransmission of the first SYN (which follows it).
+pub const FLOW_ESTABLISHED: u8 = 1;
+
 /// Value of `FLOWS`: the first decision for a flow, which its later packets follow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     /// `DECISION_*`.
     pub decision: u8,
-    pub _pad0: u8,
+    /// `FLOW_*` bits.
+    pub flags: u8,
     pub _pad1: u16,
     /// Service id (for counters).
     pub service: u32,

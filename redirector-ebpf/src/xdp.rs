@@ -37,10 +37,11 @@ use network_types::{
 use redirector_ebpf::{
     AddrKey, BUCKETS_LEN, Bucket, CONFIG_DECAP_V4, CONFIG_DECAP_V6, Config, DECAP_ALLOW_CAPACITY,
     DECISION_LOCAL, DECISION_STEERED, DEFAULT_FLOW_CAPACITY, DEFAULT_GUARD_CAPACITY, DecapStats,
-    ENCAP_GUE, FlowBudget, FlowKey, FlowValue, GlobalStats, GuardKey, MAGLEV_STRIDE, MAX_PEERS,
-    MAX_SERVICES, Meta, NextHop, PEER_ACTIVE, PEER_NONE, PEER_TRIES, PeerConf, PeerStats,
-    SERVICE_KEYS_CAPACITY, SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey, ServiceStats, family,
-    flow_hash, gue_source_port, maglev_slot, peer_bucket, proto, service_bucket,
+    ENCAP_GUE, FLOW_ESTABLISHED, FlowBudget, FlowKey, FlowValue, GlobalStats, GuardKey,
+    MAGLEV_STRIDE, MAX_PEERS, MAX_SERVICES, Meta, NextHop, PEER_ACTIVE, PEER_NONE, PEER_TRIES,
+    PeerConf, PeerStats, SERVICE_KEYS_CAPACITY, SVC_ACTIVE, SVC_STEER, ServiceConf, ServiceKey,
+    ServiceStats, family, flow_hash, gue_source_port, maglev_slot, peer_bucket, proto,
+    service_bucket,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -459,6 +460,13 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
 
     // Established packets: the flow entry alone decides (one hash lookup on the hot path).
     if !is_syn && let Some(flow) = existing {
+        if flow.flags & FLOW_ESTABLISHED == 0 {
+            // First packet after the SYN: mark the connection established (once per flow).
+            if let Some(entry) = FLOWS.get_ptr_mut(&key) {
+                // SAFETY: an entry of the LRU map; a racing CPU sets the same bit.
+                unsafe { (*entry).flags |= FLOW_ESTABLISHED };
+            }
+        }
         let Some(stats) = SVC_STATS.get_ptr_mut(flow.service) else {
             return Ok(xdp_action::XDP_PASS);
         };
@@ -500,10 +508,14 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
         unsafe { (*stats).guard_drops += 1 };
         return Ok(xdp_action::XDP_DROP);
     }
-    if let Some(flow) = existing {
+    if let Some(flow) = existing
+        && flow.flags & FLOW_ESTABLISHED == 0
+    {
         // A retransmitted SYN follows its first decision.
         return follow(ctx, pkt, &key, &flow, stats, bytes, true, tcp_hdr_len);
     }
+    // No entry, or one whose connection was established: a client reusing the port for a
+    // new connection is admitted (or steered) like any other, and counted.
     if !flow_budget_allows(now) {
         // SAFETY: per-CPU value.
         unsafe { (*stats).ceiling_hits += 1 };
@@ -512,7 +524,7 @@ fn tcp(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Unparsed> {
 
     let mut flow = FlowValue {
         decision: DECISION_LOCAL,
-        _pad0: 0,
+        flags: 0,
         _pad1: 0,
         service: svc,
         peer: PEER_NONE,

@@ -19,8 +19,8 @@ use p2pcdn_tests::{
     privilege::require_root,
 };
 use redirector_ebpf::{
-    Config, DECISION_LOCAL, DEFAULT_GUE_PORT, ENCAP_GUE, ENCAP_IPIP, PeerConf, SVC_ACTIVE,
-    ServiceConf, gcra, gue_source_port,
+    Config, DECISION_LOCAL, DECISION_STEERED, DEFAULT_GUE_PORT, ENCAP_GUE, ENCAP_IPIP,
+    FLOW_ESTABLISHED, PeerConf, SVC_ACTIVE, ServiceConf, gcra, gue_source_port,
 };
 
 const PORT: u16 = 443;
@@ -763,4 +763,54 @@ fn mode_off_serves_everything_locally_without_state() {
     assert_eq!(b.h.flow_count().unwrap(), 0);
     let s = b.h.service_stats(0).unwrap();
     assert_eq!((s.pkts_local, s.syn_steered), (3, 0));
+}
+
+/// A SYN on a 5-tuple whose earlier connection was established is a new connection on a
+/// reused port (clients wrap their port range within seconds during a crowd): it is admitted
+/// or steered afresh and counted, while a retransmitted SYN of a connection not yet
+/// established still follows its first decision.
+#[test]
+fn a_reused_port_is_a_new_connection_and_a_retransmitted_syn_is_not() {
+    let Some(mut b) = bed("a_reused_port_is_a_new_connection") else {
+        return;
+    };
+    // One local token, then overflow to the only peer.
+    b.h.set_service_conf(0, steer_service(1, 1, RING)).unwrap();
+    only_peer(
+        &mut b.h,
+        peer(v4(addrs::PEER_A_V4), ENCAP_GUE, 1000, 100, 1),
+    );
+    let key = flow_key(v4(CLIENT_V4), 45_000, v4(SERVICE_V4), PORT);
+    let syn = packet::syn_v4(CLIENT_V4, svc4(), 45_000);
+    assert_eq!(
+        b.h.run(&syn).unwrap().action,
+        action::PASS,
+        "admitted locally"
+    );
+    let first = b.h.flow(&key).unwrap().unwrap();
+    assert_eq!((first.decision, first.flags), (DECISION_LOCAL, 0));
+    // Retransmitted before anything else: same decision, not a new connection.
+    assert_eq!(b.h.run(&syn).unwrap().action, action::PASS);
+    let s = b.h.service_stats(0).unwrap();
+    assert_eq!((s.syn_local, s.syn_steered, s.kept_local), (1, 0, 0));
+    // The handshake completes, the connection lives and closes.
+    assert_eq!(
+        b.h.run(&packet::ack_v4(CLIENT_V4, svc4(), 45_000))
+            .unwrap()
+            .action,
+        action::PASS
+    );
+    assert_eq!(b.h.flow(&key).unwrap().unwrap().flags, FLOW_ESTABLISHED);
+    // The client reuses the port: the local bucket is empty now, so this connection is
+    // overflow and goes to the peer, counted like any new connection.
+    let r = b.h.run(&syn).unwrap();
+    assert!(is_sent(r.action), "steered afresh: {}", r.action);
+    let s = b.h.service_stats(0).unwrap();
+    assert_eq!((s.syn_local, s.syn_steered), (1, 1));
+    assert_eq!(b.h.peer_stats(0).unwrap().connections, 1);
+    let again = b.h.flow(&key).unwrap().unwrap();
+    assert_eq!((again.decision, again.flags), (DECISION_STEERED, 0));
+    // Its own retransmission follows the new decision without counting again.
+    assert!(is_sent(b.h.run(&syn).unwrap().action));
+    assert_eq!(b.h.peer_stats(0).unwrap().connections, 1);
 }
