@@ -1035,6 +1035,22 @@ impl Core {
     }
 
     /// Our count of an arrangement's usage so far.
+    /// Records this side's count as final (the last one, taken as the arrangement ends).
+    fn record_local_final(&self, id: &str, usage: &pb::Usage) {
+        let entry = UsageEntry {
+            arrangement: id.to_owned(),
+            at_ms: now_ms(),
+            source: UsageSource::Local,
+            kind: UsageKind::Final,
+            connections: usage.connections,
+            bytes: usage.bytes,
+            packets: usage.packets,
+        };
+        if let Err(e) = self.store.record_usage(&entry) {
+            tracing::warn!(arrangement = %id, error = %e, "cannot record the final count");
+        }
+    }
+
     fn local_usage(&self, id: &str) -> pb::Usage {
         let (local, _) = self.store.usage_totals(id).unwrap_or_default();
         pb::Usage {
@@ -1206,6 +1222,7 @@ impl Core {
             self.hooks.count(a);
         }
         let ours = self.local_usage(&a.id);
+        self.record_local_final(&a.id, &ours);
         let settlement = a
             .terms
             .as_ref()
@@ -1521,6 +1538,7 @@ impl Core {
         cause: &DisbandCause,
     ) -> Result<ArrangementRecord, DisbandError> {
         let ours = self.local_usage(&a.id);
+        self.record_local_final(&a.id, &ours);
         // Terminated for cause (served corrupted content): the agreed penalty in full.
         let breaches = if cause.reason == pb::DisbandReason::Dishonest {
             u32::MAX

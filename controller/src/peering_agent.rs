@@ -639,6 +639,18 @@ impl pb::peering_server::Peering for Agent {
             self.inner.hooks.count(&a);
         }
         let ours = self.local_usage(&a.id);
+        self.inner
+            .store
+            .record_usage(&UsageEntry {
+                arrangement: a.id.clone(),
+                at_ms: now,
+                source: UsageSource::Local,
+                kind: UsageKind::Final,
+                connections: ours.connections,
+                bytes: ours.bytes,
+                packets: ours.packets,
+            })
+            .map_err(store_status)?;
         let settlement = a.terms.as_ref().map(|t| negotiation::settle(t, &ours, 0));
         let reason =
             pb::DisbandReason::try_from(m.reason).map_or("unspecified", |r| r.as_str_name());
