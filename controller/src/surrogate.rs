@@ -253,7 +253,8 @@ pub(crate) struct Inner {
 #[derive(Default)]
 struct Tenants {
     by_id: HashMap<String, Arc<TenantState>>,
-    by_host: HashMap<String, String>,
+    /// Host name → its arrangement, looked up on every request.
+    by_host: HashMap<String, Arc<TenantState>>,
     by_primary: HashMap<Fingerprint, Vec<String>>,
 }
 
@@ -364,7 +365,7 @@ impl Surrogate {
                 return Err(SurrogateError::HostTaken {
                     id,
                     host: host.clone(),
-                    other: other.clone(),
+                    other: other.id.clone(),
                 });
             }
         }
@@ -391,7 +392,7 @@ impl Surrogate {
             usage,
         });
         for host in hosts {
-            tenants.by_host.insert(host, id.clone());
+            tenants.by_host.insert(host, Arc::clone(&state));
         }
         tenants
             .by_primary
@@ -458,7 +459,7 @@ impl Surrogate {
         let removed = {
             let mut tenants = self.write_tenants();
             let removed = tenants.by_id.remove(id);
-            tenants.by_host.retain(|_, owner| owner != id);
+            tenants.by_host.retain(|_, owner| owner.id != id);
             for ids in tenants.by_primary.values_mut() {
                 ids.retain(|owner| owner != id);
             }
@@ -582,7 +583,7 @@ impl Surrogate {
         server::serve(
             listener,
             tls,
-            self.router(),
+            Arc::clone(&self.inner),
             self.inner.cfg.max_connections,
             shutdown,
         )

@@ -3,21 +3,24 @@
 //! streamed from memory or from disk in bounded pieces.
 
 use std::{
-    io::SeekFrom,
+    borrow::Cow,
+    io::{self, SeekFrom},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, UNIX_EPOCH},
 };
 
 use axum::{
     Router,
-    body::Body,
     extract::{Request, State},
-    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header, request::Parts},
 };
 use base64::Engine;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
@@ -29,10 +32,72 @@ use crate::model::{Fingerprint, now_ms};
 /// Size of the pieces a body is read from disk in.
 const CHUNK: usize = 64 * 1024;
 /// Response header naming whether the object was stored already.
-const CACHE_HEADER: &str = "x-p2pcdn-cache";
+const CACHE_HEADER: HeaderName = HeaderName::from_static("x-p2pcdn-cache");
+const REPR_DIGEST: HeaderName = HeaderName::from_static("repr-digest");
+/// Headers of an object answer, at most (room for all of them without regrowing the map).
+const OBJECT_HEADERS: usize = 16;
 
+/// The surrogate's answers.
+pub(crate) type Response = axum::http::Response<Body>;
+
+/// The body of an answer: nothing, bytes held in memory (a memory-tier object is sent as
+/// the stored `Bytes`, without a copy), or a stream read from a stored file. No allocation
+/// and no dynamic dispatch for the first two.
+pub(crate) enum Body {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>),
+}
+
+impl Body {
+    fn text(text: String) -> Self {
+        Self::Full(Some(Bytes::from(text)))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Stream(stream) => stream
+                .as_mut()
+                .poll_next(cx)
+                .map(|chunk| chunk.map(|c| c.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty | Self::Full(None) => true,
+            Self::Full(Some(_)) | Self::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty | Self::Full(None) => SizeHint::with_exact(0),
+            Self::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Self::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The service as an axum router (for embedding); [`super::server`] calls [`handle`]
+/// directly.
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
-    Router::new().fallback(handle).with_state(inner)
+    Router::new()
+        .fallback(|State(inner): State<Arc<Inner>>, req: Request| async move {
+            let (parts, _) = req.into_parts();
+            handle(&inner, &parts).await.map(axum::body::Body::new)
+        })
+        .with_state(inner)
 }
 
 pub(crate) fn header_value(value: &str) -> Option<HeaderValue> {
@@ -49,9 +114,29 @@ pub(crate) fn normalise_host(host: &str) -> Option<String> {
     (!name.is_empty() && name.len() <= 253).then_some(name)
 }
 
+/// The host name as [`normalise_host`] gives it, borrowed when it is already in that form
+/// (a lower-case name without port or trailing dot: what clients send), so routing a
+/// request allocates nothing.
+fn host_key(host: &str) -> Option<Cow<'_, str>> {
+    let plain = !host.is_empty()
+        && host.len() <= 253
+        && !host.ends_with('.')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if plain {
+        Some(Cow::Borrowed(host))
+    } else {
+        normalise_host(host).map(Cow::Owned)
+    }
+}
+
 /// Percent-encoding normalised as manifest paths are written: unreserved characters
-/// decoded, other escapes in upper case.
-fn normalise_path(path: &str) -> String {
+/// decoded, other escapes in upper case. A path without escapes is returned as it is.
+fn normalise_path(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -74,7 +159,7 @@ fn normalise_path(path: &str) -> String {
             i += 1;
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -83,18 +168,16 @@ fn hex_val(b: u8) -> Option<u8> {
         .and_then(|d| u8::try_from(d).ok())
 }
 
-enum Route {
-    Found(Arc<TenantState>, String),
+enum Route<'a> {
+    Found(Arc<TenantState>, Cow<'a, str>),
     UnknownHost(String),
     UnknownPrimary(String),
 }
 
-fn route(inner: &Inner, host: Option<&str>, raw_path: &str) -> Route {
+fn route<'a>(inner: &Inner, host: Option<&str>, raw_path: &'a str) -> Route<'a> {
     let tenants = inner.read_tenants();
-    let host = host.and_then(normalise_host);
-    if let Some(id) = host.as_ref().and_then(|h| tenants.by_host.get(h))
-        && let Some(tenant) = tenants.by_id.get(id)
-    {
+    let host = host.and_then(host_key);
+    if let Some(tenant) = host.as_deref().and_then(|h| tenants.by_host.get(h)) {
         return Route::Found(Arc::clone(tenant), normalise_path(raw_path));
     }
     // Redirect mode: /<primary fingerprint hex>/<path>.
@@ -109,7 +192,12 @@ fn route(inner: &Inner, host: Option<&str>, raw_path: &str) -> Route {
         let Some(ids) = found else {
             return Route::UnknownPrimary(first.to_owned());
         };
-        let path = normalise_path(&format!("/{tail}"));
+        // "/<tail>": the rest after the fingerprint, its slash included.
+        let path = if tail.is_empty() && !rest[first.len()..].starts_with('/') {
+            Cow::Borrowed("/")
+        } else {
+            normalise_path(&rest[first.len()..])
+        };
         let candidates: Vec<&Arc<TenantState>> =
             ids.iter().filter_map(|id| tenants.by_id.get(id)).collect();
         let chosen = candidates
@@ -121,34 +209,38 @@ fn route(inner: &Inner, host: Option<&str>, raw_path: &str) -> Route {
             None => Route::UnknownPrimary(first.to_owned()),
         };
     }
-    Route::UnknownHost(host.unwrap_or_default())
+    Route::UnknownHost(host.map(Cow::into_owned).unwrap_or_default())
 }
 
-fn host_of(req: &Request) -> Option<String> {
-    req.uri().host().map(str::to_owned).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    })
+fn host_of(req: &Parts) -> Option<&str> {
+    req.uri
+        .host()
+        .or_else(|| req.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
 }
 
 fn plain(status: StatusCode, message: impl Into<String>) -> Response {
     let mut text = message.into();
     text.push('\n');
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
-        text,
-    )
-        .into_response()
+    let mut response = Response::new(Body::text(text));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
-async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
-    let method = req.method().clone();
+fn status_only(status: StatusCode) -> Response {
+    let mut response = Response::new(Body::Empty);
+    *response.status_mut() = status;
+    response
+}
+
+/// Answers one request (the body of a GET or HEAD is not read).
+pub(crate) async fn handle(inner: &Arc<Inner>, req: &Parts) -> Response {
+    let method = &req.method;
     if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {
         let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
         response.headers_mut().insert(
@@ -157,8 +249,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         );
         return response;
     }
-    let host = host_of(&req);
-    let (tenant, path) = match route(&inner, host.as_deref(), req.uri().path()) {
+    let (tenant, path) = match route(inner, host_of(req), req.uri.path()) {
         Route::Found(tenant, path) => (tenant, path),
         Route::UnknownHost(host) => {
             metrics::counter!("p2pcdn_surrogate_unrouted_total", "reason" => "host").increment(1);
@@ -191,18 +282,11 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         tenant.usage.not_found.add(1);
         return plain(StatusCode::NOT_FOUND, "not in the primary's manifest");
     };
-    serve_entry(
-        &inner,
-        &tenant,
-        entry,
-        req.headers(),
-        method == Method::HEAD,
-    )
-    .await
+    serve_entry(inner, &tenant, entry, &req.headers, method == Method::HEAD).await
 }
 
 fn preflight(tenant: &TenantState) -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
+    let mut response = status_only(StatusCode::NO_CONTENT);
     if let Some(origin) = &tenant.allow_origin {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
@@ -224,7 +308,7 @@ fn preflight(tenant: &TenantState) -> Response {
 
 /// Headers every answer about an object carries (200, 206, 304, HEAD).
 fn object_headers(headers: &mut HeaderMap, tenant: &TenantState, entry: &Entry) {
-    let mut put = |name: header::HeaderName, value: &str| {
+    let mut put = |name: HeaderName, value: &str| {
         if !value.is_empty()
             && let Ok(value) = HeaderValue::from_str(value)
         {
@@ -233,14 +317,12 @@ fn object_headers(headers: &mut HeaderMap, tenant: &TenantState, entry: &Entry) 
     };
     put(header::ETAG, &entry.etag);
     put(header::CACHE_CONTROL, &entry.cache_control);
-    if let Some(modified) = last_modified(entry) {
-        put(header::LAST_MODIFIED, &httpdate::fmt_http_date(modified));
+    if let Some(modified) = last_modified(entry)
+        && let Ok(value) = HeaderValue::try_from(httpdate::fmt_http_date(modified))
+    {
+        headers.insert(header::LAST_MODIFIED, value);
     }
-    let digest = base64::engine::general_purpose::STANDARD.encode(entry.sha256);
-    put(
-        header::HeaderName::from_static("repr-digest"),
-        &format!("sha-256=:{digest}:"),
-    );
+    headers.insert(REPR_DIGEST, repr_digest(&entry.sha256));
     if let Some(origin) = &tenant.allow_origin {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
         headers.insert(
@@ -248,6 +330,20 @@ fn object_headers(headers: &mut HeaderMap, tenant: &TenantState, entry: &Entry) 
             HeaderValue::from_static("repr-digest, etag, content-length, content-range"),
         );
     }
+}
+
+/// `sha-256=:<base64>:` (RFC 9530), built on the stack.
+fn repr_digest(sha256: &[u8; 32]) -> HeaderValue {
+    const PREFIX: &[u8] = b"sha-256=:";
+    // 32 bytes are 44 base64 characters.
+    let mut out = [0_u8; PREFIX.len() + 44 + 1];
+    out[..PREFIX.len()].copy_from_slice(PREFIX);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(sha256, &mut out[PREFIX.len()..])
+        .unwrap_or(0);
+    let end = PREFIX.len() + written;
+    out[end] = b':';
+    HeaderValue::from_bytes(&out[..=end]).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn last_modified(entry: &Entry) -> Option<std::time::SystemTime> {
@@ -354,7 +450,7 @@ async fn serve_entry(
 ) -> Response {
     let usage = &tenant.usage;
     if not_modified(headers, entry) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        let mut response = status_only(StatusCode::NOT_MODIFIED);
         object_headers(response.headers_mut(), tenant, entry);
         return response;
     }
@@ -394,25 +490,28 @@ async fn serve_entry(
         return response;
     }
 
-    let mut builder = Response::builder()
-        .status(status)
-        .header(header::CONTENT_LENGTH, len)
-        .header(header::ACCEPT_RANGES, "bytes");
+    let mut answer = HeaderMap::with_capacity(OBJECT_HEADERS);
+    answer.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    answer.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Some(value) = header_value(&entry.content_type) {
-        builder = builder.header(header::CONTENT_TYPE, value);
+        answer.insert(header::CONTENT_TYPE, value);
     }
-    if status == StatusCode::PARTIAL_CONTENT {
-        builder = builder.header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{}", start + len - 1, entry.size),
-        );
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(value) =
+            HeaderValue::try_from(format!("bytes {start}-{}/{}", start + len - 1, entry.size))
+    {
+        answer.insert(header::CONTENT_RANGE, value);
     }
-    if let Some(headers) = builder.headers_mut() {
-        object_headers(headers, tenant, entry);
-    }
+    object_headers(&mut answer, tenant, entry);
+    let respond = |body: Body, headers: HeaderMap| {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    };
     if head {
         // Everything a HEAD answers is in the manifest: no origin fetch.
-        return builder.body(Body::empty()).unwrap_or_else(|_| internal());
+        return respond(Body::Empty, answer);
     }
 
     // A file can vanish between lookup and open (evicted meanwhile): one more try.
@@ -433,7 +532,7 @@ async fn serve_entry(
                     return internal();
                 };
                 usage.bytes.add(len);
-                Body::from(slice)
+                Body::Full(Some(slice))
             }
             Object::Disk(file) => match open_at(&file.path, start).await {
                 Ok(reader) => {
@@ -447,7 +546,7 @@ async fn serve_entry(
                             }
                             chunk
                         });
-                    Body::from_stream(stream)
+                    Body::Stream(Box::pin(stream))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     tenant.store.invalidate(&entry.sha256);
@@ -466,8 +565,11 @@ async fn serve_entry(
         } else {
             usage.misses.add(1);
         }
-        let builder = builder.header(CACHE_HEADER, if hit { "hit" } else { "miss" });
-        return builder.body(body).unwrap_or_else(|_| internal());
+        answer.insert(
+            CACHE_HEADER,
+            HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+        );
+        return respond(body, answer);
     }
     plain(
         StatusCode::SERVICE_UNAVAILABLE,

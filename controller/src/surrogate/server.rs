@@ -1,9 +1,9 @@
 //! The listener: optional TLS, HTTP/1.1 and HTTP/2 (by ALPN, or prior knowledge on
 //! cleartext), bounded connections and timeouts, graceful shutdown.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
-use axum::{Router, extract::Request};
+use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -16,9 +16,8 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
-use tower::Service;
 
-use super::SurrogateError;
+use super::{Inner, SurrogateError, http};
 
 /// Time a client has to finish the TLS handshake, and to send a request's headers.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,7 +29,7 @@ const MAX_STREAMS: u32 = 256;
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    app: Router,
+    app: Arc<Inner>,
     max_connections: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SurrogateError> {
@@ -60,7 +59,7 @@ pub(crate) async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
-                let app = app.clone();
+                let app = Arc::clone(&app);
                 let stop = stop_rx.clone();
                 connections.spawn(async move {
                     let _slot = slot;
@@ -98,13 +97,18 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-async fn connection<I>(io: I, app: Router, mut stop: watch::Receiver<bool>)
+async fn connection<I>(io: I, app: Arc<Inner>, mut stop: watch::Receiver<bool>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The handler is called directly (no router: every path goes to it), and answers with
+    // its own body type.
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let mut app = app.clone();
-        app.call(req.map(axum::body::Body::new))
+        let app = Arc::clone(&app);
+        async move {
+            let (parts, _) = req.into_parts();
+            Ok::<_, Infallible>(http::handle(&app, &parts).await)
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -37,6 +37,54 @@ use super::{
 
 pub(crate) type Sha = [u8; 32];
 
+/// Hashes the SHA-256 keys of the tiers by folding their words with a per-process random
+/// seed: the keys are uniformly distributed already, so a keyed SipHash over them (the
+/// default, on every lookup) buys nothing. The primary chooses its contents, so it could
+/// grind SHA-256 prefixes to collide; it would only slow its own arrangement's caches
+/// (each arrangement has its own), and the seed keeps it from knowing which prefixes do.
+#[derive(Clone)]
+pub(crate) struct ShaHash(u64);
+
+impl ShaHash {
+    fn new() -> Self {
+        // RandomState is seeded per process from the OS.
+        use std::hash::BuildHasher as _;
+        Self(std::collections::hash_map::RandomState::new().hash_one(0x5ea1_u64))
+    }
+}
+
+impl std::hash::BuildHasher for ShaHash {
+    type Hasher = ShaHasher;
+
+    fn build_hasher(&self) -> ShaHasher {
+        ShaHasher(self.0)
+    }
+}
+
+/// See [`ShaHash`].
+pub(crate) struct ShaHasher(u64);
+
+impl std::hash::Hasher for ShaHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for word in bytes.chunks(8) {
+            let mut buf = [0_u8; 8];
+            buf[..word.len()].copy_from_slice(word);
+            self.0 = (self.0 ^ u64::from_le_bytes(buf))
+                .rotate_left(23)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {
+        // The length prefix of the key array: always 32.
+    }
+
+    fn finish(&self) -> u64 {
+        let x = self.0 ^ (self.0 >> 29);
+        x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 32)
+    }
+}
+
 /// Machine-wide reservations of memory and disk bytes, shared by every arrangement.
 pub(crate) struct DiskSpace {
     memory_limit: u64,
@@ -203,8 +251,8 @@ pub(crate) type Inflight = Mutex<HashMap<Sha, watch::Receiver<Option<FillResult>
 /// The stored objects of one arrangement.
 pub(crate) struct TenantStore {
     dir: PathBuf,
-    memory: Cache<Sha, Bytes>,
-    disk: Cache<Sha, Arc<DiskObject>>,
+    memory: Cache<Sha, Bytes, ShaHash>,
+    disk: Cache<Sha, Arc<DiskObject>, ShaHash>,
     memory_object_max: u64,
     space: Arc<DiskSpace>,
     memory_bytes: Arc<AtomicU64>,
@@ -266,7 +314,7 @@ impl TenantStore {
                     DiskSpace::release(&space.memory_used, v.len() as u64);
                     DiskSpace::release(&tenant_bytes, v.len() as u64);
                 })
-                .build()
+                .build_with_hasher(ShaHash::new())
         };
         let disk_unit = unit_for(budgets.max_object_bytes);
         let disk = {
@@ -289,7 +337,7 @@ impl TenantStore {
                         }
                     },
                 )
-                .build()
+                .build_with_hasher(ShaHash::new())
         };
         Self {
             dir,
