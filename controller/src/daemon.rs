@@ -22,6 +22,7 @@ pub mod testbed;
 mod autopilot;
 mod backend;
 mod standby;
+mod trust_loop;
 mod wiring;
 
 use std::{
@@ -341,6 +342,8 @@ pub(crate) struct Core {
     unconfirmed: Mutex<std::collections::HashSet<String>>,
     /// Primary arrangements being retired (drained, waiting for their flows to end).
     draining: Mutex<std::collections::HashSet<String>>,
+    /// Reputations of providers (sampling, reports) and the decisions they lead to.
+    trust: Arc<Mutex<crate::reputation::TrustEngine>>,
     running_negotiations: AtomicU64,
     /// Asks for a fresh advertisement (spare capacity changed).
     refresh: Arc<Notify>,
@@ -564,6 +567,13 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
     .await?;
     let gossip_addr = discovery.gossip_addr();
 
+    // This node's long-term peers are the pre-trusted set of the reputation engine.
+    let trust = Arc::new(Mutex::new(crate::reputation::TrustEngine::new(
+        identity.fingerprint,
+        crate::reputation::TrustSettings::default(),
+        policy.long_term().iter().map(|l| l.peer).collect(),
+    )));
+    let board = discovery.board();
     let core = Arc::new(Core {
         config,
         options,
@@ -586,6 +596,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         breaches: Mutex::new(HashMap::new()),
         unconfirmed: Mutex::new(std::collections::HashSet::new()),
         draining: Mutex::new(std::collections::HashSet::new()),
+        trust,
         running_negotiations: AtomicU64::new(0),
         refresh,
         stopping: AtomicBool::new(false),
@@ -622,6 +633,7 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
         tasks.spawn(async move { core.maintain(recovered, rx).await });
     }
     tasks.spawn(standby::keep(core.clone(), stop_rx.clone()));
+    tasks.spawn(trust_loop::run(core.clone(), board, stop_rx.clone()));
     let (load_events, load_rx) = tokio::sync::mpsc::channel(autopilot::EVENT_QUEUE);
     {
         let core = core.clone();

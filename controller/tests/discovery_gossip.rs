@@ -422,7 +422,18 @@ async fn a_restarted_node_is_alive_again_with_its_new_advert() {
 
     // Same key, new process: a new generation on a new port, a higher sequence.
     let c = start_c(7502).await;
-    wait_for("c alive again", Duration::from_secs(5), || a.known() == 1).await;
+    // Alive again may be seen a gossip round before the new advert arrives.
+    wait_for(
+        "c alive again with its new advert",
+        Duration::from_secs(5),
+        || {
+            a.known() == 1
+                && registry
+                    .get(&c_id.fingerprint)
+                    .is_some_and(|l| l.advert.sequence > before.sequence)
+        },
+    )
+    .await;
     let after = registry.get(&c_id.fingerprint).unwrap().advert;
     assert!(after.sequence > before.sequence);
     assert_eq!(after.endpoints.unwrap().control, "127.0.0.1:7502");

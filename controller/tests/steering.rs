@@ -208,12 +208,18 @@ struct Pair {
 /// Starts the provider and the primary; `sign_with_other_key` makes the manifest the origin
 /// serves one the primary did not sign.
 async fn start_pair(n: u8, sign_with_other_key: bool) -> Pair {
-    start_pair_with(n, sign_with_other_key, None).await
+    start_pair_with(n, sign_with_other_key, None, None).await
 }
 
 /// [`start_pair`], the two sides sharing long-term agreement "lt-standby" of `standby`
 /// new connections/s that the primary keeps on standby.
-async fn start_pair_with(n: u8, sign_with_other_key: bool, standby: Option<u32>) -> Pair {
+/// `surrogate_url`: what the provider advertises as its surrogate (default none).
+async fn start_pair_with(
+    n: u8,
+    sign_with_other_key: bool,
+    standby: Option<u32>,
+    surrogate_url: Option<String>,
+) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let service = service_addr(n);
     let manifest_bytes = Arc::new(Mutex::new(Bytes::new()));
@@ -262,7 +268,12 @@ async fn start_pair_with(n: u8, sign_with_other_key: bool, standby: Option<u32>)
         &dir.path().join("peer"),
         "peer",
         &[],
-        &format!("{discovery}[resources]\ndecap_v4 = \"{PROVIDER_DECAP}\"\n{provider_overlay}"),
+        &format!(
+            "{discovery}[resources]\ndecap_v4 = \"{PROVIDER_DECAP}\"\n{}{provider_overlay}",
+            surrogate_url
+                .map(|u| format!("surrogate_url = \"{u}\"\n"))
+                .unwrap_or_default()
+        ),
     )
     .unwrap();
     let (provider_dp, provider_kernel) = memory_dataplane();
@@ -559,7 +570,7 @@ async fn an_active_arrangement_is_steered_served_and_undone() {
     let rows = eventually("the provider's ledger row is final", || async {
         let rows = accounting::ledger(pair.provider.store(), None).map_err(|e| e.to_string())?;
         match rows.as_slice() {
-            [row] if row.peer_final && row.state == "disbanded" => Ok(rows),
+            [row] if row.peer_final && row.local_final && row.state == "disbanded" => Ok(rows),
             _ => Err(format!("{rows:?}")),
         }
     })
@@ -770,7 +781,7 @@ fn peer_names_fit_the_data_plane() {
 /// with its accounting, and the keeper arms a fresh arrangement for the next crowd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_long_term_peer_is_steered_to_before_the_crowd_and_rearmed_after_it() {
-    let pair = start_pair_with(63, false, Some(400)).await;
+    let pair = start_pair_with(63, false, Some(400), None).await;
     let first = eventually(
         "the standby peer is armed without any load event",
         || async {
@@ -834,6 +845,7 @@ async fn a_standby_long_term_peer_is_steered_to_before_the_crowd_and_rearmed_aft
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].state, "disbanded", "{rows:?}");
     assert!(rows[0].end_reason.contains("low-water"), "{rows:?}");
+    assert!(rows[0].local_final, "the primary's last count is final: {rows:?}");
     let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
     assert_eq!(
         peers.len(),
@@ -841,6 +853,116 @@ async fn a_standby_long_term_peer_is_steered_to_before_the_crowd_and_rearmed_aft
         "only the fresh arrangement's peer: {peers:?}"
     );
     assert_eq!(peers[0].name, peer_name(&second.id));
+    pair.primary.shutdown().await;
+    pair.provider.shutdown().await;
+}
+
+/// A dishonest provider: the surrogate it advertises is a proxy in front of its real one that
+/// flips bytes of `/app.js` (what clients would get over DSR from a peer that tampers with the
+/// primary's content). The primary's content samples catch it: the provider leaves the Maglev
+/// table, its arrangement is terminated for cause with the agreed penalty in full, and the
+/// decision and its evidence are in `p2pcdn peers --json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_serving_corrupted_bytes_is_isolated_and_terminated_for_cause() {
+    // The tampering proxy forwards to the provider's surrogate (the service address, known
+    // once the pair runs) with the primary's Host.
+    let upstream: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let up = upstream.clone();
+    let app = Router::new().fallback(get(move |uri: axum::http::Uri| {
+        let up = up.clone();
+        async move {
+            let Some(addr) = *up.lock().unwrap() else {
+                return (StatusCode::SERVICE_UNAVAILABLE, Vec::new());
+            };
+            match http_get(addr, HOST, uri.path()).await {
+                Ok((200, mut body)) => {
+                    if uri.path() == "/app.js"
+                        && let Some(b) = body.get_mut(100)
+                    {
+                        *b ^= 0x20;
+                    }
+                    (StatusCode::OK, body)
+                }
+                Ok((status, body)) => (StatusCode::from_u16(status).unwrap(), body),
+                Err(_) => (StatusCode::BAD_GATEWAY, Vec::new()),
+            }
+        }
+    }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let pair = start_pair_with(65, false, None, Some(format!("http://{proxy}"))).await;
+    *upstream.lock().unwrap() = Some(pair.service);
+    let outcome = negotiate(&pair.primary, 300).await;
+    assert_eq!(outcome.state, NegotiationState::Succeeded, "{outcome:?}");
+    let mine = arrangements(&pair.primary, Role::Primary)
+        .into_iter()
+        .find(|a| a.state == p2pcdn_controller::proto::pb::ArrangementState::Active)
+        .expect("an active primary arrangement");
+
+    // Steered traffic, as the kernel counts it, so that the arrangement has charges.
+    let slot = pair.primary_dp.lock().unwrap().peers().unwrap()[0].slot;
+    pair.primary_kernel
+        .lock()
+        .unwrap()
+        .add_peer_stats(slot, 0, |s| {
+            s.connections += 5_000;
+            s.packets += 60_000;
+            s.bytes += 3_000_000_000;
+        });
+
+    // Sampled (idle providers are sampled every few seconds): a corrupted /app.js is caught.
+    let ended = eventually("the dishonest provider is terminated for cause", || async {
+        let a = arrangements(&pair.primary, Role::Primary)
+            .into_iter()
+            .find(|a| a.id == mine.id)
+            .ok_or("gone")?;
+        match a.state {
+            p2pcdn_controller::proto::pb::ArrangementState::Disbanded => Ok(a),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let reason = ended.end_reason.clone().unwrap_or_default();
+    assert!(reason.contains("DISHONEST"), "{reason}");
+    assert!(
+        reason.contains("/app.js"),
+        "the evidence names the sample: {reason}"
+    );
+    let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
+    assert!(peers.is_empty(), "out of the Maglev table: {peers:?}");
+    let settlement = ended.settlement.clone().unwrap_or_default();
+    let max_credit = mine
+        .terms
+        .as_ref()
+        .and_then(|t| t.penalties)
+        .map_or(0, |p| p.max_credit_percent)
+        .min(100);
+    assert!(settlement.charges_micros > 0, "{settlement:?}");
+    assert_eq!(
+        settlement.credit_micros,
+        settlement.charges_micros * u64::from(max_credit) / 100,
+        "the agreed penalty in full ({max_credit} %): {settlement:?}"
+    );
+
+    // Excluded from negotiation while isolated.
+    let again = negotiate(&pair.primary, 300).await;
+    assert_ne!(again.state, NegotiationState::Succeeded, "{again:?}");
+
+    // The decision and its evidence are visible to operators.
+    let peers = pair.primary.backend().peers().await.unwrap();
+    let view = peers
+        .iter()
+        .find(|p| p.fingerprint == pair.provider.fingerprint())
+        .expect("the provider is listed");
+    let assessment = serde_json::to_value(view).unwrap();
+    let text = assessment.to_string();
+    assert!(
+        text.contains("isolated") || text.contains("Isolated"),
+        "{text}"
+    );
+    assert!(text.contains("/app.js"), "evidence in peers --json: {text}");
     pair.primary.shutdown().await;
     pair.provider.shutdown().await;
 }

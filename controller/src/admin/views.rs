@@ -245,6 +245,10 @@ pub struct PeerView {
     pub advert_expires_ms: Option<UnixMs>,
     pub last_seen_ms: Option<UnixMs>,
     pub reputation_ppm: Option<u32>,
+    /// This node's own assessment as a primary (standing, trust, per-dimension scores,
+    /// evidence, decisions), when it has observed or heard of the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assessment: Option<serde_json::Value>,
 }
 
 /// Filters of `GET /v1/arrangements`.

@@ -232,7 +232,13 @@ impl Backend {
             }
             req
         };
-        let candidates: Vec<Candidate> = core.registry.candidates(now_ms());
+        // Quarantined and isolated providers are not asked.
+        let candidates: Vec<Candidate> = core
+            .registry
+            .candidates(now_ms())
+            .into_iter()
+            .filter(|c| super::trust_loop::usable(core, &c.fingerprint))
+            .collect();
         let already = core.active_primary(&service.name).map_err(internal)?;
         let mut base: Option<String> = None;
         let mut steps = 0_usize;
@@ -422,6 +428,12 @@ impl AdminBackend for Backend {
                     advert_expires_ms: node.expires_at_ms,
                     last_seen_ms: record.map(|r| r.last_seen_ms).or(node.received_ms),
                     reputation_ppm: reputation.get(&node.fingerprint).copied().flatten(),
+                    assessment: core
+                        .trust
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .assessment(&node.fingerprint, now)
+                        .and_then(|a| serde_json::to_value(a).ok()),
                 });
             }
             Ok(views)

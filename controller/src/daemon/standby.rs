@@ -145,6 +145,12 @@ async fn arm(
         .into_iter()
         .find(|c| c.fingerprint == agreement.peer)
         .ok_or_else(|| format!("peer {} is not reachable", agreement.peer.short()))?;
+    if !super::trust_loop::usable(core, &peer.fingerprint) {
+        return Err(format!(
+            "peer {} is quarantined or isolated by trust",
+            agreement.peer.short()
+        ));
+    }
     let req = mediator::requirements(
         service,
         &core.config.resources,

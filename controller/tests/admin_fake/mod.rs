@@ -98,6 +98,7 @@ impl AdminBackend for Fake {
                 advert_expires_ms: None,
                 last_seen_ms: None,
                 reputation_ppm: None,
+                assessment: None,
             }])
         })
     }
