@@ -30,7 +30,10 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -248,6 +251,11 @@ pub(crate) struct Inner {
     origin: OriginClient,
     space: Arc<DiskSpace>,
     tenants: RwLock<Tenants>,
+    /// Unique in the process: keys the per-thread route caches of the HTTP handler.
+    id: u64,
+    /// Bumped after every change of the arrangements or of a manifest: a thread's cached
+    /// route of an older generation is looked up again.
+    generation: AtomicU64,
 }
 
 #[derive(Default)]
@@ -302,12 +310,15 @@ impl Surrogate {
             })?;
         let origin = OriginClient::new(&cfg)?;
         let space = Arc::new(DiskSpace::new(cfg.memory_bytes, cfg.disk_bytes));
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 origin,
                 space,
                 tenants: RwLock::new(Tenants::default()),
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                generation: AtomicU64::new(0),
             }),
         })
     }
@@ -400,6 +411,8 @@ impl Surrogate {
             .or_default()
             .push(id.clone());
         tenants.by_id.insert(id.clone(), state);
+        self.inner.changed();
+        drop(tenants);
         tracing::info!(arrangement.id = %id, primary.id = %t.primary, "surrogate: serving arrangement");
         Ok(())
     }
@@ -444,6 +457,7 @@ impl Surrogate {
         update.objects_dropped = tenant.store.retain(|sha| keep.contains(sha));
         *slot = Arc::new(new);
         drop(slot);
+        self.inner.changed();
         tracing::info!(
             arrangement.id = %id,
             added = update.added.len(),
@@ -464,6 +478,7 @@ impl Surrogate {
                 ids.retain(|owner| owner != id);
             }
             tenants.by_primary.retain(|_, ids| !ids.is_empty());
+            self.inner.changed();
             removed
         };
         if let Some(tenant) = removed {
@@ -607,6 +622,11 @@ impl Surrogate {
 }
 
 impl Inner {
+    /// Invalidates the route caches (after a change of the arrangements or a manifest).
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn read_tenants(&self) -> std::sync::RwLockReadGuard<'_, Tenants> {
         match self.tenants.read() {
             Ok(guard) => guard,

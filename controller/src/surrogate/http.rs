@@ -4,9 +4,10 @@
 
 use std::{
     borrow::Cow,
+    cell::RefCell,
     io::{self, SeekFrom},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
     time::{Duration, UNIX_EPOCH},
 };
@@ -24,7 +25,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    Entry, Inner, TenantState,
+    Entry, Inner, Manifest, TenantState,
     fill::{self, FillError, Object},
 };
 use crate::model::{Fingerprint, now_ms};
@@ -240,6 +241,9 @@ fn status_only(status: StatusCode) -> Response {
 
 /// Answers one request (the body of a GET or HEAD is not read).
 pub(crate) async fn handle(inner: &Arc<Inner>, req: &Parts) -> Response {
+    if let Some(response) = memory_hit(inner, req) {
+        return response;
+    }
     let method = &req.method;
     if method != Method::GET && method != Method::HEAD && method != Method::OPTIONS {
         let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
@@ -478,31 +482,10 @@ async fn serve_entry(
         );
     }
     if let Err(wait) = tenant.bucket.take(if head { 0 } else { len }) {
-        usage.budget_rejections.add(1);
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut response = plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "egress budget of this arrangement exhausted",
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-        return response;
+        return budget_refused(tenant, wait);
     }
 
-    let mut answer = HeaderMap::with_capacity(OBJECT_HEADERS);
-    answer.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    answer.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Some(value) = header_value(&entry.content_type) {
-        answer.insert(header::CONTENT_TYPE, value);
-    }
-    if status == StatusCode::PARTIAL_CONTENT
-        && let Ok(value) =
-            HeaderValue::try_from(format!("bytes {start}-{}/{}", start + len - 1, entry.size))
-    {
-        answer.insert(header::CONTENT_RANGE, value);
-    }
-    object_headers(&mut answer, tenant, entry);
+    let mut answer = answer_headers(tenant, entry, status, start, len);
     let respond = |body: Body, headers: HeaderMap| {
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -524,6 +507,11 @@ async fn serve_entry(
             }
         };
         let body = match object {
+            // The whole object: the stored Bytes as they are.
+            Object::Memory(bytes) if start == 0 && len == bytes.len() as u64 => {
+                usage.bytes.add(len);
+                Body::Full(Some(bytes))
+            }
             Object::Memory(bytes) => {
                 let from = usize::try_from(start).unwrap_or(usize::MAX);
                 let to = usize::try_from(start + len).unwrap_or(usize::MAX);
@@ -575,6 +563,155 @@ async fn serve_entry(
         StatusCode::SERVICE_UNAVAILABLE,
         "stored object vanished, retry",
     )
+}
+
+fn budget_refused(tenant: &TenantState, wait: Duration) -> Response {
+    tenant.usage.budget_rejections.add(1);
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "egress budget of this arrangement exhausted",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}
+
+/// The headers of a 200 or 206 answer (all but `x-p2pcdn-cache`).
+fn answer_headers(
+    tenant: &TenantState,
+    entry: &Entry,
+    status: StatusCode,
+    start: u64,
+    len: u64,
+) -> HeaderMap {
+    let mut answer = HeaderMap::with_capacity(OBJECT_HEADERS);
+    answer.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    answer.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(value) = header_value(&entry.content_type) {
+        answer.insert(header::CONTENT_TYPE, value);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(value) =
+            HeaderValue::try_from(format!("bytes {start}-{}/{}", start + len - 1, entry.size))
+    {
+        answer.insert(header::CONTENT_RANGE, value);
+    }
+    object_headers(&mut answer, tenant, entry);
+    answer
+}
+
+/// Routes this worker thread resolved: the host name as clients send it → its arrangement
+/// and that arrangement's manifest, or no arrangement (redirect mode, a foreign name).
+struct CachedRoute {
+    surrogate: u64,
+    generation: u64,
+    host: Box<str>,
+    route: Option<(Arc<TenantState>, Arc<Manifest>)>,
+}
+
+/// Routes cached per thread, at most.
+const CACHED_ROUTES: usize = 8;
+
+thread_local! {
+    static ROUTES: RefCell<Vec<CachedRoute>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with the arrangement serving `host` and its manifest, from this thread's cache
+/// while the surrogate's generation (bumped by every change of an arrangement or a manifest)
+/// is the one cached: no lock, no hash of the name and no reference count shared with the
+/// other threads on the way. `None`: no arrangement has this host name.
+///
+/// A thread keeps what it cached (at most [`CACHED_ROUTES`] arrangements and manifests) until
+/// it routes a request of that surrogate again; removed arrangements release their stored
+/// objects at once all the same ([`super::Surrogate::remove_tenant`]).
+fn with_route<R>(
+    inner: &Inner,
+    host: &str,
+    f: impl FnOnce(&TenantState, &Manifest) -> R,
+) -> Option<R> {
+    let generation = inner.generation.load(Ordering::Acquire);
+    ROUTES.with(|routes| {
+        let mut routes = routes.try_borrow_mut().ok()?;
+        let found = routes
+            .iter()
+            .position(|r| r.surrogate == inner.id && *r.host == *host);
+        let index = match found {
+            Some(i) if routes[i].generation == generation => i,
+            _ => {
+                // Whatever changed, the routes cached before it go.
+                routes.retain(|r| r.surrogate != inner.id || r.generation == generation);
+                let tenant = host_key(host).and_then(|key| {
+                    inner
+                        .read_tenants()
+                        .by_host
+                        .get(key.as_ref())
+                        .map(Arc::clone)
+                });
+                if routes.len() >= CACHED_ROUTES {
+                    routes.remove(0);
+                }
+                routes.push(CachedRoute {
+                    surrogate: inner.id,
+                    generation,
+                    host: host.into(),
+                    route: tenant.map(|t| {
+                        let manifest = t.manifest();
+                        (t, manifest)
+                    }),
+                });
+                routes.len() - 1
+            }
+        };
+        let (tenant, manifest) = routes[index].route.as_ref()?;
+        Some(f(tenant, manifest))
+    })
+}
+
+/// The most common request, a plain GET (no condition, no range) of a whole object held in
+/// the memory tier, routed by host name: answered at once, through the thread's route cache.
+/// `None` for anything else, with nothing counted or taken: [`handle`]'s general path
+/// answers it, with the same semantics.
+fn memory_hit(inner: &Inner, req: &Parts) -> Option<Response> {
+    if req.method != Method::GET
+        || req.headers.contains_key(header::RANGE)
+        || req.headers.contains_key(header::IF_NONE_MATCH)
+        || req.headers.contains_key(header::IF_MODIFIED_SINCE)
+    {
+        return None;
+    }
+    let host = host_of(req)?;
+    let path = req.uri.path();
+    if path.contains('%') {
+        return None;
+    }
+    with_route(inner, host, |tenant, manifest| {
+        if manifest.expires_ms <= now_ms() {
+            return None;
+        }
+        let entry = manifest.entry(path)?;
+        if entry.size > tenant.budgets.max_object_bytes {
+            return None;
+        }
+        let bytes = tenant
+            .store
+            .memory_hit(&entry.sha256)
+            .filter(|b| b.len() as u64 == entry.size)?;
+        let usage = &tenant.usage;
+        usage.requests.add(1);
+        if let Err(wait) = tenant.bucket.take(entry.size) {
+            return Some(budget_refused(tenant, wait));
+        }
+        let mut headers = answer_headers(tenant, entry, StatusCode::OK, 0, entry.size);
+        headers.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+        usage.hits.add(1);
+        usage.bytes.add(entry.size);
+        let mut response = Response::new(Body::Full(Some(bytes)));
+        *response.headers_mut() = headers;
+        Some(response)
+    })
+    .flatten()
 }
 
 async fn open_at(path: &std::path::Path, start: u64) -> std::io::Result<tokio::fs::File> {
@@ -656,5 +793,181 @@ mod tests {
         assert!(etag_matches("W/\"b\"", "\"b\""));
         assert!(etag_matches("*", "\"b\""));
         assert!(!etag_matches("\"c\"", "\"b\""));
+    }
+
+    #[test]
+    fn host_keys_are_the_normalised_names() {
+        for host in [
+            "www.example.com",
+            "WWW.Example.com",
+            "www.example.com.",
+            "www.example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]:443",
+            "a-b.c",
+            "a b",
+            "",
+            "user@host",
+        ] {
+            assert_eq!(
+                host_key(host).map(Cow::into_owned),
+                normalise_host(host),
+                "{host:?}"
+            );
+        }
+        assert!(matches!(
+            host_key("www.example.com"),
+            Some(Cow::Borrowed(_))
+        ));
+        assert!(matches!(
+            normalise_path("/a/b.js"),
+            Cow::Borrowed("/a/b.js")
+        ));
+    }
+
+    fn request(host: &str, path: &str, extra: &[(HeaderName, &str)]) -> Parts {
+        let mut builder = axum::http::Request::builder()
+            .uri(path)
+            .header(header::HOST, host);
+        for (name, value) in extra {
+            builder = builder.header(name, *value);
+        }
+        match builder.body(()) {
+            Ok(req) => req.into_parts().0,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn body_of(response: Response) -> Bytes {
+        use http_body_util::BodyExt as _;
+        match response.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The memory-hit shortcut answers exactly as the general path does, and follows
+    /// manifest updates and removed arrangements at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_memory_hit_shortcut_answers_as_the_general_path() {
+        use crate::{
+            identity::NodeIdentity,
+            manifest::etag_of,
+            surrogate::{Budgets, Surrogate, SurrogateConfig, Tenant},
+        };
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
+        let Ok(id) = NodeIdentity::generate("primary", "Primary", &[]) else {
+            panic!("identity")
+        };
+        let body = Bytes::from_static(b"console.log('hit');\n");
+        let sha: [u8; 32] = match ring::digest::digest(&ring::digest::SHA256, &body)
+            .as_ref()
+            .try_into()
+        {
+            Ok(sha) => sha,
+            Err(e) => panic!("{e}"),
+        };
+        let entry = Entry {
+            path: "/app.js".to_owned(),
+            size: body.len() as u64,
+            sha256: sha,
+            content_type: "text/javascript".to_owned(),
+            etag: etag_of(&sha),
+            cache_control: "public, max-age=60".to_owned(),
+            last_modified_ms: Some(1_700_000_000_000),
+        };
+        let manifest = |version| Manifest {
+            primary: id.fingerprint,
+            service: "www".to_owned(),
+            version,
+            created_ms: now_ms(),
+            expires_ms: now_ms() + 3_600_000,
+            // Never contacted: the object is put in memory below.
+            origin: "http://127.0.0.1:9".to_owned(),
+            entries: [(entry.path.clone(), entry.clone())].into(),
+            hot: Vec::new(),
+        };
+        let Ok(surrogate) = Surrogate::new(SurrogateConfig::new(dir.path().join("cache"))).await
+        else {
+            panic!("surrogate")
+        };
+        let added = surrogate.add_tenant(Tenant {
+            arrangement_id: "arr".to_owned(),
+            primary: id.fingerprint,
+            primary_spki: id.spki_der.clone(),
+            host_names: vec!["www.primary.test".to_owned()],
+            manifest: manifest(1),
+            budgets: Budgets {
+                max_object_bytes: 1 << 20,
+                total_bytes: 1 << 24,
+                egress_bytes_per_s: 1 << 30,
+                egress_burst_bytes: 1 << 30,
+            },
+            allow_origin: Some("*".to_owned()),
+        });
+        assert!(added.is_ok(), "{added:?}");
+        let inner = &surrogate.inner;
+        let Some(tenant) = surrogate.tenant("arr") else {
+            panic!("tenant")
+        };
+        tenant.store.put_memory(sha, body.clone());
+
+        let get = request("www.primary.test", "/app.js", &[]);
+        let Some(fast) = memory_hit(inner, &get) else {
+            panic!("a memory hit takes the shortcut")
+        };
+        let general = serve_entry(inner, &tenant, &entry, &get.headers, false).await;
+        assert_eq!(fast.status(), StatusCode::OK);
+        assert_eq!(fast.status(), general.status());
+        assert_eq!(fast.headers(), general.headers());
+        assert_eq!(
+            fast.headers().get(CACHE_HEADER),
+            Some(&HeaderValue::from_static("hit"))
+        );
+        assert_eq!(body_of(fast).await, body);
+        assert_eq!(body_of(general).await, body);
+        let usage = surrogate.usage("arr").unwrap_or_default();
+        // The shortcut counted its request; serve_entry alone does not count requests.
+        assert_eq!(
+            (usage.requests, usage.hits, usage.bytes),
+            (1, 2, 2 * body.len() as u64)
+        );
+
+        // Conditions, ranges, other methods and other hosts take the general path.
+        for other in [
+            request(
+                "www.primary.test",
+                "/app.js",
+                &[(header::RANGE, "bytes=0-1")],
+            ),
+            request(
+                "www.primary.test",
+                "/app.js",
+                &[(header::IF_NONE_MATCH, "*")],
+            ),
+            request("www.primary.test", "/nope.js", &[]),
+            request("other.test", "/app.js", &[]),
+        ] {
+            assert!(memory_hit(inner, &other).is_none(), "{:?}", other.headers);
+        }
+        let mut head = request("www.primary.test", "/app.js", &[]);
+        head.method = Method::HEAD;
+        assert!(memory_hit(inner, &head).is_none());
+
+        // A new manifest without the object: the cached route is not used any more.
+        let mut emptied = manifest(2);
+        emptied.entries.clear();
+        assert!(surrogate.update_manifest("arr", emptied).is_ok());
+        assert!(memory_hit(inner, &get).is_none());
+        assert_eq!(handle(inner, &get).await.status(), StatusCode::NOT_FOUND);
+        surrogate.remove_tenant("arr");
+        assert!(memory_hit(inner, &get).is_none());
+        assert_eq!(
+            handle(inner, &get).await.status(),
+            StatusCode::MISDIRECTED_REQUEST
+        );
     }
 }

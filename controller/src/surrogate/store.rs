@@ -445,6 +445,14 @@ impl TenantStore {
         self.disk.get(sha)
     }
 
+    /// The object if the memory tier holds it (touching its disk entry as [`Self::lookup`]
+    /// does).
+    pub(crate) fn memory_hit(&self, sha: &Sha) -> Option<Bytes> {
+        let bytes = self.memory_get(sha)?;
+        drop(self.disk.get(sha));
+        Some(bytes)
+    }
+
     /// A cached object ready to serve without the origin (memory, or a verified file).
     pub(crate) fn lookup(&self, sha: &Sha) -> Option<Object> {
         if let Some(bytes) = self.memory_get(sha) {
@@ -620,5 +628,24 @@ mod tests {
         let unit = unit_for(1 << 40);
         assert_eq!(unit, 257);
         assert!(u64::from(weight(1 << 40, unit)) * unit >= 1 << 40);
+    }
+
+    #[test]
+    fn sha_keys_hash_apart() {
+        use std::hash::BuildHasher as _;
+        let hash = ShaHash::new();
+        let mut seen = HashSet::new();
+        for i in 0..1000_u32 {
+            let digest = ring::digest::digest(&ring::digest::SHA256, &i.to_le_bytes());
+            let mut sha = [0_u8; 32];
+            sha.copy_from_slice(digest.as_ref());
+            assert_eq!(hash.hash_one(sha), hash.hash_one(sha));
+            seen.insert(hash.hash_one(sha));
+        }
+        assert_eq!(seen.len(), 1000);
+        // Keys differing in one late byte only still hash apart.
+        let (a, mut b) = ([7_u8; 32], [7_u8; 32]);
+        b[31] = 8;
+        assert_ne!(hash.hash_one(a), hash.hash_one(b));
     }
 }

@@ -302,6 +302,10 @@ struct Round {
     /// Surrogate runs: hits counted by the surrogate during the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     hits: Option<u64>,
+    /// CPU time (user + system) the server used during the run: the surrogate's runtime
+    /// threads, or nginx's master and workers.
+    cpu_s: f64,
+    cpu_us_per_request: f64,
     /// wrk's figures as printed (microseconds).
     wrk: WrkResult,
 }
@@ -320,6 +324,37 @@ struct Servers {
 }
 
 impl Servers {
+    /// CPU clock ticks (user + system) used so far by the server: the surrogate's runtime
+    /// threads (named "surrogate"), or nginx's master and its workers.
+    fn cpu_ticks(&self, server: Server) -> Result<u64> {
+        let mut ticks = 0;
+        match server {
+            Server::P2pcdn => {
+                for task in std::fs::read_dir("/proc/self/task").context("reading /proc")? {
+                    let task = task?.path();
+                    let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+                    if comm.trim() == SURROGATE_THREADS
+                        && let Some((_, used)) = stat_group_and_ticks(&task.join("stat"))
+                    {
+                        ticks += used;
+                    }
+                }
+            }
+            Server::Nginx => {
+                // The master and its workers: the processes of its group.
+                let master = self.nginx.pid().context("nginx is not running")?;
+                for process in std::fs::read_dir("/proc").context("reading /proc")? {
+                    if let Some((group, used)) = stat_group_and_ticks(&process?.path().join("stat"))
+                        && group == master
+                    {
+                        ticks += used;
+                    }
+                }
+            }
+        }
+        Ok(ticks)
+    }
+
     fn usage(&self) -> Result<TenantUsage> {
         self.surrogate
             .usage(ARRANGEMENT)
@@ -393,8 +428,8 @@ impl<'a> Bench<'a> {
         let mut table = String::new();
         let _ = writeln!(
             table,
-            "\n{:<8} {:<7} {:>11} {:>8} {:>8} {:>9}  wrk",
-            "size", "server", "req/s", "p50 ms", "p99 ms", "MiB/s"
+            "\n{:<8} {:<7} {:>11} {:>8} {:>8} {:>9} {:>11}  wrk",
+            "size", "server", "req/s", "p50 ms", "p99 ms", "MiB/s", "CPU µs/req"
         );
         for (object, rounds) in objects.iter().zip(&measured) {
             let load = args.load(&object.size, args.duration_s);
@@ -414,13 +449,14 @@ impl<'a> Bench<'a> {
                 let s = summary(rounds, server);
                 let _ = writeln!(
                     table,
-                    "{:<8} {:<7} {:>11.0} {:>8.3} {:>8.3} {:>9.1}  -t{} -c{} -d{}s, median of {}",
+                    "{:<8} {:<7} {:>11.0} {:>8.3} {:>8.3} {:>9.1} {:>11.2}  -t{} -c{} -d{}s, median of {}",
                     object.size.name,
                     server.name(),
                     s.rps,
                     s.p50_ms,
                     s.p99_ms,
                     s.mib_s,
+                    s.cpu_us_per_request,
                     load.threads,
                     load.connections,
                     load.duration_s,
@@ -460,7 +496,7 @@ impl<'a> Bench<'a> {
         let _ = admin::install_metrics();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(self.workers)
-            .thread_name("surrogate")
+            .thread_name(SURROGATE_THREADS)
             .enable_all()
             .build()
             .context("cannot start the surrogate's tokio runtime")?;
@@ -629,13 +665,17 @@ impl<'a> Bench<'a> {
                         args.rounds,
                         wrk.args(&load, &self.url(servers, server, object), HOST)[..4].join(" ")
                     ));
-                    let (result, hits) = self.wrk_run(servers, wrk, object, server, &load)?;
+                    let (result, hits, cpu_s) =
+                        self.wrk_run(servers, wrk, object, server, &load)?;
+                    let cpu_us_per_request = cpu_s * 1e6 / result.requests as f64;
                     progress(format!(
-                        "    {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} MiB/s{}",
+                        "    {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.1} MiB/s, {:.2} CPU s ({:.1} µs/request){}",
                         result.rps(),
                         result.p50_ms(),
                         result.p99_ms(),
                         result.mib_per_s(),
+                        cpu_s,
+                        cpu_us_per_request,
                         hits.map(|h| format!(", {h} hits")).unwrap_or_default()
                     ));
                     rounds.push(Round {
@@ -648,6 +688,8 @@ impl<'a> Bench<'a> {
                         requests: result.requests,
                         errors: result.errors,
                         hits,
+                        cpu_s,
+                        cpu_us_per_request,
                         wrk: result,
                     });
                 }
@@ -676,14 +718,16 @@ impl<'a> Bench<'a> {
         object: &Object,
         server: Server,
         load: &Load,
-    ) -> Result<(WrkResult, Option<u64>)> {
+    ) -> Result<(WrkResult, Option<u64>, f64)> {
         self.check_interrupted()?;
         let url = self.url(servers, server, object);
         let before = servers.usage()?;
         let origin_before = servers.origin.stats().requests;
+        let cpu_before = servers.cpu_ticks(server)?;
         let (result, summary) = wrk
             .run(load, &url, HOST)
             .with_context(|| format!("wrk against {} ({url})", server.name()))?;
+        let cpu = ticks_to_s(servers.cpu_ticks(server)?.saturating_sub(cpu_before));
         if server == Server::Nginx {
             servers.nginx.check_running()?;
         }
@@ -727,7 +771,7 @@ impl<'a> Bench<'a> {
                 routed == 0,
                 "the surrogate got {routed} requests during nginx's run"
             );
-            return Ok((result, None));
+            return Ok((result, None, cpu));
         }
         ensure!(
             hits == routed,
@@ -741,7 +785,7 @@ impl<'a> Bench<'a> {
             "wrk completed {} requests but the surrogate counted {hits} hits",
             result.requests
         );
-        Ok((result, Some(hits)))
+        Ok((result, Some(hits), cpu))
     }
 
     #[expect(
@@ -788,6 +832,8 @@ impl<'a> Bench<'a> {
             "nginx_p50_ms": round3(nginx.p50_ms),
             "p2pcdn_mib_s": round2(p2pcdn.mib_s),
             "nginx_mib_s": round2(nginx.mib_s),
+            "p2pcdn_cpu_us_per_request": round3(p2pcdn.cpu_us_per_request),
+            "nginx_cpu_us_per_request": round3(nginx.cpu_us_per_request),
             "rps_ratio": round3(p2pcdn.rps / nginx.rps),
             "object_bytes": object.size.bytes,
             "path": route,
@@ -818,6 +864,32 @@ impl<'a> Bench<'a> {
             "rounds": rounds,
         })
     }
+}
+
+/// The name of the surrogate's runtime threads (to account their CPU time).
+const SURROGATE_THREADS: &str = "surrogate";
+
+/// The process group and utime + stime (clock ticks) of a `/proc/.../stat` file.
+fn stat_group_and_ticks(path: &Path) -> Option<(u32, u64)> {
+    parse_stat(&std::fs::read_to_string(path).ok()?)
+}
+
+fn parse_stat(text: &str) -> Option<(u32, u64)> {
+    // The command name, in parentheses, may hold spaces: count fields after its end.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 5 (pgrp), 14 (utime) and 15 (stime) of proc(5); the state (field 3) is the
+    // first after the name.
+    let group: u32 = fields.get(2)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((group, utime + stime))
+}
+
+fn ticks_to_s(ticks: u64) -> f64 {
+    // SAFETY: sysconf(3) only reads a constant of the system.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / if per_s > 0 { per_s as f64 } else { 100.0 }
 }
 
 /// How the surrogate was addressed, for the JSON.
@@ -852,6 +924,7 @@ struct Summary {
     p50_ms: f64,
     p99_ms: f64,
     mib_s: f64,
+    cpu_us_per_request: f64,
 }
 
 /// Median of each figure over the server's rounds.
@@ -870,6 +943,7 @@ fn summary(rounds: &[Round], server: Server) -> Summary {
         p50_ms: of(|r| r.p50_ms),
         p99_ms: of(|r| r.p99_ms),
         mib_s: of(|r| r.mib_s),
+        cpu_us_per_request: of(|r| r.cpu_us_per_request),
     }
 }
 
@@ -1132,6 +1206,10 @@ impl Nginx {
         }
     }
 
+    fn pid(&self) -> Option<u32> {
+        lock(&self.child).as_ref().map(Child::id)
+    }
+
     fn check_running(&self) -> Result<()> {
         if let Some(child) = lock(&self.child).as_mut()
             && !matches!(child.try_wait(), Ok(None))
@@ -1211,6 +1289,15 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn proc_stat_fields() {
+        let line = "4242 (nginx: worker (x)) S 4240 4240 4240 0 -1 4194624 100 0 0 0 \
+                    1500 250 0 0 20 0 1 0 123 456 789";
+        assert_eq!(parse_stat(line), Some((4240, 1750)));
+        assert_eq!(parse_stat("4242 (short) S 1"), None);
+        assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]
