@@ -16,9 +16,12 @@
 //!   by gossip. A report counts as `indirect_weight` × the reporter's weight per observation:
 //!   the reporter's weight is its own trust from our direct observation (EigenTrust-style,
 //!   one step), 1 for the pre-trusted set (this node's long-term peers), `newcomer_weight`
-//!   for a reporter we know nothing of (Sybil resistance: new identities gain only what direct
-//!   observation supports), and divided by 1 + the number of its reports that contradicted our
-//!   own observation of the same subject (lying reporters lose their voice).
+//!   for a reporter we know nothing of — all such strangers sharing that one weight, however
+//!   many identities they are (Sybil resistance: new identities gain only what direct
+//!   observation supports) — rising towards ½ as its reports about subjects we observed
+//!   ourselves agree with us, and divided by 1 + the number of its reports that contradicted
+//!   our own observation of the same subject (lying reporters lose their voice). A report
+//!   stands for at most 10 observations, whatever sample count it claims.
 //! - **Weight factor** (Maglev weight ∝ capacity × factor): trust, scaled for providers with
 //!   few direct observations (½ at first, 1 with many; pre-trusted peers start at 1), 0 when
 //!   quarantined or isolated.
@@ -263,6 +266,8 @@ pub struct TrustEngine {
     peers: HashMap<Fingerprint, Peer>,
     /// Reports per reporter that contradicted our own observation.
     contradictions: HashMap<Fingerprint, u32>,
+    /// Reports per reporter that agreed with our own observation.
+    agreements: HashMap<Fingerprint, u32>,
     sequence: u64,
     pending: Vec<Decision>,
 }
@@ -279,6 +284,7 @@ impl TrustEngine {
             pre_trusted,
             peers: HashMap::new(),
             contradictions: HashMap::new(),
+            agreements: HashMap::new(),
             sequence: 0,
             pending: Vec::new(),
         }
@@ -426,10 +432,11 @@ impl TrustEngine {
         integrity.mean() * (0.5 + 0.5 * availability.mean()) * (0.75 + 0.25 * latency.mean())
     }
 
-    /// Neither pre-trusted nor observed by us.
+    /// Neither pre-trusted, nor observed by us, nor ever confirmed by our own observation.
     fn is_stranger(&self, reporter: &Fingerprint) -> bool {
         !self.pre_trusted.contains(reporter)
             && self.peers.get(reporter).is_none_or(|p| p.observations == 0)
+            && !self.agreements.contains_key(reporter)
     }
 
     fn prior(&self, subject: &Fingerprint) -> f64 {
@@ -453,7 +460,12 @@ impl TrustEngine {
                     i.decay(now, self.settings.half_life_ms);
                     i.mean()
                 }
-                _ => self.settings.newcomer_weight,
+                _ => {
+                    // A stranger earns credibility only where its reports matched what we
+                    // saw ourselves (up to half a known peer's weight).
+                    let agreed = f64::from(self.agreements.get(reporter).copied().unwrap_or(0));
+                    self.settings.newcomer_weight + 0.5 * agreed / (agreed + 3.0)
+                }
             }
         };
         base / (1.0 + f64::from(self.contradictions.get(reporter).copied().unwrap_or(0)))
@@ -547,6 +559,7 @@ impl TrustEngine {
                 window_start_ms: p.window.start_ms,
                 window_end_ms: now,
                 sequence: self.sequence,
+                ..pb::ReputationReport::default()
             });
         }
         out
@@ -599,10 +612,14 @@ impl TrustEngine {
                 had: h.sequence,
             });
         }
-        if let Some(ours) = ours
-            && (ours - score).abs() > 0.5
-        {
-            *self.contradictions.entry(reporter).or_insert(0) += 1;
+        match ours {
+            Some(ours) if (ours - score).abs() > 0.5 => {
+                *self.contradictions.entry(reporter).or_insert(0) += 1;
+            }
+            Some(ours) if (ours - score).abs() < 0.2 => {
+                *self.agreements.entry(reporter).or_insert(0) += 1;
+            }
+            _ => {}
         }
         let p = self.peer(subject, now);
         p.heard.insert(
@@ -836,6 +853,7 @@ mod tests {
                 window_start_ms: 1_000,
                 window_end_ms: 2_000,
                 sequence,
+                ..pb::ReputationReport::default()
             },
         )
     }
