@@ -33,3 +33,4 @@ pub mod store;
 pub mod surrogate;
 pub mod tls;
 pub mod transport;
+pub mod trust;
