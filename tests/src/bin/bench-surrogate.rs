@@ -598,7 +598,11 @@ impl<'a> Bench<'a> {
         for object in objects {
             let path = format!("{}{}", servers.prefix, object.path);
             for expected in ["miss", "hit"] {
-                let answer = get(servers.surrogate_addr, HOST, &path)?;
+                let answer = get(
+                    servers.surrogate_addr,
+                    &self.host(servers, Server::P2pcdn),
+                    &path,
+                )?;
                 answer.check(&object.body, "the surrogate")?;
                 let cache = answer.header("x-p2pcdn-cache");
                 ensure!(
@@ -606,7 +610,12 @@ impl<'a> Bench<'a> {
                     "the surrogate answered {path} with x-p2pcdn-cache {cache:?}, expected {expected}"
                 );
             }
-            get(servers.nginx.addr, HOST, &object.path)?.check(&object.body, "nginx")?;
+            get(
+                servers.nginx.addr,
+                &self.host(servers, Server::Nginx),
+                &object.path,
+            )?
+            .check(&object.body, "nginx")?;
         }
         let usage = servers.usage()?;
         let n = objects.len() as u64;
@@ -663,7 +672,12 @@ impl<'a> Bench<'a> {
                         object.size.name,
                         server.name(),
                         args.rounds,
-                        wrk.args(&load, &self.url(servers, server, object), HOST)[..4].join(" ")
+                        wrk.args(
+                            &load,
+                            &self.url(servers, server, object),
+                            &self.host(servers, server)
+                        )[..4]
+                            .join(" ")
                     ));
                     let (result, hits, cpu_s) =
                         self.wrk_run(servers, wrk, object, server, &load)?;
@@ -699,6 +713,16 @@ impl<'a> Bench<'a> {
         Ok(all)
     }
 
+    /// The `Host` clients send: the primary's host name (DSR), or in redirect mode the
+    /// address they were redirected to.
+    fn host(&self, servers: &Servers, server: Server) -> String {
+        match (self.args.route, server) {
+            (Route::Host, _) => HOST.to_owned(),
+            (Route::Primary, Server::P2pcdn) => servers.surrogate_addr.to_string(),
+            (Route::Primary, Server::Nginx) => servers.nginx.addr.to_string(),
+        }
+    }
+
     fn url(&self, servers: &Servers, server: Server, object: &Object) -> String {
         match server {
             Server::P2pcdn => format!(
@@ -725,7 +749,7 @@ impl<'a> Bench<'a> {
         let origin_before = servers.origin.stats().requests;
         let cpu_before = servers.cpu_ticks(server)?;
         let (result, summary) = wrk
-            .run(load, &url, HOST)
+            .run(load, &url, &self.host(servers, server))
             .with_context(|| format!("wrk against {} ({url})", server.name()))?;
         let cpu = ticks_to_s(servers.cpu_ticks(server)?.saturating_sub(cpu_before));
         if server == Server::Nginx {
@@ -818,7 +842,11 @@ impl<'a> Bench<'a> {
         };
         let (p2pcdn_errors, nginx_errors) = (errors(Server::P2pcdn), errors(Server::Nginx));
         let hits: u64 = rounds.iter().filter_map(|r| r.hits).sum();
-        let mut args = wrk.args(load, "URL", HOST);
+        let host = match self.args.route {
+            Route::Host => HOST,
+            Route::Primary => "ADDRESS:PORT",
+        };
+        let mut args = wrk.args(load, "URL", host);
         // The script path is a temporary file: name what it does instead.
         if let Some(script) = args.iter().position(|a| a == "-s") {
             args[script + 1] = "done.lua (prints the results as JSON)".to_owned();
@@ -903,8 +931,8 @@ fn servers_route(args: &Args, path: &str) -> Value {
         }),
         Route::Primary => json!({
             "route": "primary",
-            "what": "redirect mode: /<primary-id>/<path>",
-            "host": HOST,
+            "what": "redirect mode: /<primary-id>/<path>, Host the surrogate's address",
+            "host": "<address>:<port>",
             "request_path": format!("/<primary-id>{path}"),
         }),
     }
