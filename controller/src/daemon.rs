@@ -343,7 +343,7 @@ pub(crate) struct Core {
     /// Primary arrangements being retired (drained, waiting for their flows to end).
     draining: Mutex<std::collections::HashSet<String>>,
     /// Reputations of providers (sampling, reports) and the decisions they lead to.
-    trust: Arc<Mutex<crate::reputation::TrustEngine>>,
+    trust: Arc<Mutex<crate::trust::TrustEngine>>,
     running_negotiations: AtomicU64,
     /// Asks for a fresh advertisement (spare capacity changed).
     refresh: Arc<Notify>,
@@ -568,11 +568,13 @@ pub async fn start(config: Config, options: Options) -> Result<Node, DaemonError
     let gossip_addr = discovery.gossip_addr();
 
     // This node's long-term peers are the pre-trusted set of the reputation engine.
-    let trust = Arc::new(Mutex::new(crate::reputation::TrustEngine::new(
+    let trust = crate::trust::TrustEngine::new(
         identity.fingerprint,
-        crate::reputation::TrustSettings::default(),
-        policy.long_term().iter().map(|l| l.peer).collect(),
-    )));
+        crate::trust::TrustSettings::default(),
+        policy.long_term().iter().map(|l| l.peer),
+    )
+    .map_err(|e| DaemonError::Config(format!("trust settings: {e}")))?;
+    let trust = Arc::new(Mutex::new(trust));
     let board = discovery.board();
     let core = Arc::new(Core {
         config,

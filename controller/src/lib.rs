@@ -25,7 +25,6 @@ pub mod peering_agent;
 pub mod policy;
 pub mod proto;
 pub mod registry;
-pub mod reputation;
 pub mod sampler;
 pub mod signals;
 pub mod steering;

@@ -432,7 +432,7 @@ impl AdminBackend for Backend {
                         .trust
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .assessment(&node.fingerprint, now)
+                        .assess(&node.fingerprint, now)
                         .and_then(|a| serde_json::to_value(a).ok()),
                 });
             }

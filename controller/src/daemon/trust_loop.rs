@@ -28,9 +28,9 @@ use crate::{
     manifest::Manifest,
     model::{Fingerprint, now_ms},
     proto::{self, pb},
-    reputation::{Decision, DecisionKind, TrustEngine},
     sampler::{self, Budget, Sample},
     store::ArrangementRecord,
+    trust::{Decision, DecisionKind, TrustEngine},
 };
 
 /// How often sampling budgets are looked at.
@@ -114,7 +114,13 @@ pub(crate) async fn run(core: Arc<Core>, board: Option<Board>, mut stop: watch::
                     }
                     let since = state.last.map_or(Duration::MAX, |t| t.elapsed());
                     let delta = steered.saturating_sub(state.steered_at_last.unwrap_or(steered));
-                    let confirm = lock(&engine).confirm_target(&a.peer);
+                    // The engine's own requests first: the confirming sample of a quarantine.
+                    let own = core.identity.fingerprint;
+                    let confirm = lock(&engine)
+                        .checks(now_ms())
+                        .into_iter()
+                        .find(|c| c.subject == a.peer && c.object.owner == own)
+                        .map(|c| (c.object.path, c.object.range));
                     // A quarantined provider is sampled again at once (it carries no traffic).
                     let confirming = confirm.is_some() && since >= CONFIRM_AFTER;
                     if !budget.due(delta, since) && !confirming {
@@ -194,7 +200,8 @@ fn record_sample(engine: &std::sync::Mutex<TrustEngine>, sample: &Sample) {
         sampler::Verdict::Verified => tracing::debug!(peer = %sample.peer.short(),
             sample = sample.id, path = %sample.path, ms = sample.latency_ms, "sample verified"),
     }
-    lock(engine).observe_sample(sample);
+    // Decisions taken on the sample are also returned by the next `tick`.
+    let _ = lock(engine).observe_sample(sample);
 }
 
 /// A random number for picking samples (from the system's generator).
