@@ -49,14 +49,16 @@ mod settings;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     fmt,
+    sync::Arc,
 };
 
 pub use beta::Beta;
 pub use report::{
-    MAX_MISMATCHED_PATHS, MAX_PATH_CHARS, MAX_REPORT_BYTES, MAX_REPORT_COUNT, MAX_WINDOW_MS,
-    ReportError, ReportId, VerifiedReport, check_shape,
+    MAX_MISMATCHED_PATHS, MAX_PATH_CHARS, MAX_REPORT_BYTES, MAX_REPORT_COUNT, MAX_SIGNED_BYTES,
+    MAX_WINDOW_MS, ReportError, ReportId, VerifiedReport, check_shape, claimed_reporter,
+    decode_signed, encode_signed,
 };
 use serde::Serialize;
 pub use settings::{SettingsError, TrustSettings};
@@ -265,8 +267,6 @@ pub enum Reason {
     ConfirmedCorruption,
     /// Another object was corrupted while quarantined.
     SecondCorruption,
-    /// Our own sample corrupted an object a reporter had named.
-    CorroboratedCorruption,
     /// A corruption within a strike's memory (on probation after an isolation).
     RepeatOffence,
     /// Credible reporters named corrupted objects.
@@ -452,6 +452,8 @@ enum Cause {
     Corruption {
         object: ObjectRef,
         evidence: Evidence,
+        /// Reports that had named the object or quarantined the peer.
+        reports: Vec<Evidence>,
     },
     Claims,
 }
@@ -550,7 +552,7 @@ impl Window {
 /// A report held from one reporter about one subject.
 #[derive(Debug, Clone)]
 struct Heard {
-    report: pb::ReputationReport,
+    report: Arc<pb::ReputationReport>,
     /// One of its named objects was fetched intact.
     refuted: bool,
     /// It was improbable given our own samples: not counted at all.
@@ -673,6 +675,8 @@ pub struct TrustEngine {
     subjects_per_reporter: BTreeMap<Fingerprint, usize>,
     checks: BTreeMap<(Fingerprint, ObjectRef), Check>,
     pending: Vec<Decision>,
+    last_prune: UnixMs,
+    last_eigen: UnixMs,
 }
 
 impl TrustEngine {
@@ -693,6 +697,8 @@ impl TrustEngine {
             subjects_per_reporter: BTreeMap::new(),
             checks: BTreeMap::new(),
             pending: Vec::new(),
+            last_prune: UnixMs::MIN,
+            last_eigen: UnixMs::MIN,
         };
         engine.set_pre_trusted(pre_trusted);
         Ok(engine)
@@ -987,6 +993,7 @@ impl TrustEngine {
                 if let Cause::Corruption {
                     object: first,
                     evidence: first_evidence,
+                    ..
                 } = cause
                 {
                     if *first == object {
@@ -1001,6 +1008,18 @@ impl TrustEngine {
             _ => {}
         }
         let (reason, evidence) = release?;
+        if reason == Reason::CleanRecheck {
+            // The recheck cleared the object: our reports stop naming it.
+            if let Phase::Quarantined {
+                cause: Cause::Corruption { object: first, .. },
+                ..
+            } = &peer.phase
+            {
+                let path = first.path.clone();
+                peer.window.paths.retain(|(_, p)| *p != path);
+            }
+            peer.urgent = true;
+        }
         peer.phase = Phase::Probation { clean: 0 };
         self.checks
             .retain(|(s, _), c| !(*s == subject && matches!(c.why, CheckWhy::Recheck { .. })));
@@ -1015,7 +1034,9 @@ impl TrustEngine {
         object: ObjectRef,
         evidence: Evidence,
     ) -> Option<Decision> {
-        // Did a reporter name this very object?
+        // Did a reporter name this very object? Its claim is corroborated (its agreement
+        // rises), but a claim is not an observation: isolation still waits for our own
+        // confirming sample, so a liar's claim and one transfer error cannot add up to it.
         let mut corroborating = None;
         if let Some(check) = self.checks.remove(&(subject, object.clone()))
             && let CheckWhy::Claim { report } = check.why
@@ -1032,24 +1053,22 @@ impl TrustEngine {
                 sequence: h.report.sequence,
             });
         }
+        let mut reports = Vec::new();
         if let Some(report) = corroborating {
             let hl = self.settings.half_life_ms;
             if let Some(reporter) = self.peers.get_mut(&report.reporter) {
                 reporter.agreement.add(now, hl, 2.0, 0.0);
+                reports.push(Evidence::Report {
+                    report,
+                    credibility: reporter.credibility,
+                    what: format!("named {object}"),
+                });
             }
         }
         let strike_hl = self.settings.strike_half_life_ms;
         let (phase, strikes) = match self.peers.get(&subject) {
             Some(p) => (p.phase.clone(), p.strikes.at(now, strike_hl).successes),
             None => (Phase::Probation { clean: 0 }, 0.0),
-        };
-        let report_evidence = |engine: &Self, report: ReportId| Evidence::Report {
-            report,
-            credibility: engine
-                .peers
-                .get(&report.reporter)
-                .map_or(0.0, |p| p.credibility),
-            what: format!("named {object}"),
         };
         let decision = match phase {
             Phase::Isolated { .. } => return None,
@@ -1058,6 +1077,7 @@ impl TrustEngine {
                     Cause::Corruption {
                         object: first,
                         evidence: first_evidence,
+                        reports: first_reports,
                     },
                 ..
             } => {
@@ -1067,39 +1087,44 @@ impl TrustEngine {
                     Reason::SecondCorruption
                 };
                 self.count_confirmed(subject, now);
-                self.isolate(subject, now, true, reason, vec![first_evidence, evidence])
-            }
-            Phase::Quarantined {
-                cause: Cause::Claims,
-                ..
-            } => {
-                let mut all = vec![evidence];
-                if let Some(r) = corroborating {
-                    all.push(report_evidence(self, r));
+                let mut all = vec![first_evidence, evidence];
+                all.extend(first_reports);
+                for r in reports {
+                    let seen = all.iter().any(|e| match (e, &r) {
+                        (
+                            Evidence::Report { report: a, .. },
+                            Evidence::Report { report: b, .. },
+                        ) => a == b,
+                        _ => false,
+                    });
+                    if !seen {
+                        all.push(r);
+                    }
                 }
-                if let Some(p) = self.peers.get(&subject) {
-                    all.extend(p.claim_evidence.iter().cloned());
-                }
-                self.count_confirmed(subject, now);
-                self.isolate(subject, now, true, Reason::CorroboratedCorruption, all)
-            }
-            _ if corroborating.is_some() => {
-                let mut all = vec![evidence];
-                if let Some(r) = corroborating {
-                    all.push(report_evidence(self, r));
-                }
-                self.count_confirmed(subject, now);
-                self.isolate(subject, now, true, Reason::CorroboratedCorruption, all)
+                self.isolate(subject, now, true, reason, all)
             }
             _ if strikes >= 0.5 => {
-                self.isolate(subject, now, true, Reason::RepeatOffence, vec![evidence])
+                let mut all = vec![evidence];
+                all.extend(reports);
+                self.isolate(subject, now, true, Reason::RepeatOffence, all)
             }
-            _ => {
+            previous => {
+                if matches!(
+                    previous,
+                    Phase::Quarantined {
+                        cause: Cause::Claims,
+                        ..
+                    }
+                ) && let Some(p) = self.peers.get(&subject)
+                {
+                    reports.extend(p.claim_evidence.iter().cloned());
+                }
                 let peer = self.peer_entry(subject);
                 peer.phase = Phase::Quarantined {
                     cause: Cause::Corruption {
                         object: object.clone(),
                         evidence: evidence.clone(),
+                        reports: reports.clone(),
                     },
                     clean: 0,
                 };
@@ -1110,12 +1135,14 @@ impl TrustEngine {
                     since: now,
                     priority: f64::INFINITY,
                 });
+                let mut all = vec![evidence];
+                all.extend(reports);
                 self.decide(
                     subject,
                     now,
                     DecisionKind::Quarantine,
                     Reason::Corruption,
-                    vec![evidence],
+                    all,
                 )
             }
         };
@@ -1153,7 +1180,7 @@ impl TrustEngine {
 
     /// A claim of `report` about `subject` was refuted by our own intact sample.
     fn refute(&mut self, subject: Fingerprint, report: ReportId, now: UnixMs) {
-        let (hl, w) = (self.settings.half_life_ms, self.settings.refutation_weight);
+        let (hl, mut w) = (self.settings.half_life_ms, self.settings.refutation_weight);
         if let Some(h) = self
             .heard
             .get_mut(&subject)
@@ -1161,6 +1188,11 @@ impl TrustEngine {
             && h.report.sequence == report.sequence
         {
             h.refuted = true;
+            // A single unconfirmed mismatch may have been a transfer error on the reporter's
+            // side: half the blame of a confirmed claim.
+            if h.report.confirmed_mismatches == 0 {
+                w *= 0.5;
+            }
         }
         if let Some(reporter) = self.peers.get_mut(&report.reporter) {
             reporter.agreement.add(now, hl, 0.0, w);
@@ -1372,6 +1404,7 @@ impl TrustEngine {
             && agreement >= min_agreement
             && let Some(path) = report.mismatched_paths.first()
         {
+            let exposure = self.weight_factor(&subject, now);
             self.add_check(Check {
                 subject,
                 object: ObjectRef {
@@ -1381,7 +1414,9 @@ impl TrustEngine {
                 },
                 why: CheckWhy::Claim { report: id },
                 since: now,
-                priority: credibility * agreement,
+                // The exposure it protects first (the traffic the subject carries), then
+                // who says it. A bogus claim costs one sample and refutes its author.
+                priority: exposure + 0.1 * credibility * agreement,
             });
         }
         self.heard.entry(subject).or_default().insert(
@@ -1456,7 +1491,11 @@ impl TrustEngine {
     /// decision since the last tick (including those [`TrustEngine::observe`] made at once).
     pub fn tick(&mut self, now: UnixMs) -> Vec<Decision> {
         self.prune(now);
-        self.recompute_credibility(now);
+        if now.saturating_sub(self.last_eigen) >= self.settings.eigen_every_ms {
+            self.last_eigen = now;
+            self.recompute_global_trust(now);
+        }
+        self.refresh_credibility(now);
         self.aggregate(now);
         let ids: Vec<Fingerprint> = self.peers.keys().copied().collect();
         for id in ids {
@@ -1466,6 +1505,11 @@ impl TrustEngine {
     }
 
     fn prune(&mut self, now: UnixMs) {
+        // Reports only need to go some time after they are stale: every 10 s is enough.
+        if now.saturating_sub(self.last_prune) < 10_000 {
+            return;
+        }
+        self.last_prune = now;
         let max_age = self.settings.max_report_age_ms;
         let ttl = self.settings.check_ttl_ms;
         let mut dropped: Vec<Fingerprint> = Vec::new();
@@ -1490,11 +1534,11 @@ impl TrustEngine {
         self.checks.retain(|_, c| now - c.since < ttl);
     }
 
-    /// EigenTrust over what this node knows, then credibility = global trust × agreement.
-    fn recompute_credibility(&mut self, now: UnixMs) {
+    /// EigenTrust over what this node knows (every `eigen_every_ms`).
+    fn recompute_global_trust(&mut self, now: UnixMs) {
         let st = &self.settings;
         let hl = st.half_life_ms;
-        let mut index: BTreeMap<Fingerprint, usize> = BTreeMap::new();
+        let mut index: HashMap<Fingerprint, usize> = HashMap::with_capacity(self.peers.len() + 1);
         index.insert(self.self_id, 0);
         for (n, id) in self.peers.keys().enumerate() {
             index.insert(*id, n + 1);
@@ -1554,13 +1598,26 @@ impl TrustEngine {
         for (id, peer) in &mut self.peers {
             let Some(&i) = index.get(id) else { continue };
             let global = (t[i] * trusted / reference).clamp(0.0, 1.0);
-            let agreement = agreement_mean(st, &peer.agreement.at(now, hl));
             peer.global_trust = if peer.pre_trusted { 1.0 } else { global };
+        }
+    }
+
+    /// Credibility = global trust × agreement (every tick: agreement moves with every
+    /// report compared and every claim checked); 0 for a peer isolated for dishonesty.
+    fn refresh_credibility(&mut self, now: UnixMs) {
+        let st = &self.settings;
+        for peer in self.peers.values_mut() {
+            let agreement = agreement_mean(st, &peer.agreement.at(now, st.half_life_ms));
+            let global = if peer.pre_trusted {
+                1.0
+            } else {
+                peer.global_trust
+            };
             peer.credibility = match peer.phase {
                 Phase::Isolated {
                     dishonest: true, ..
                 } => 0.0,
-                _ => peer.global_trust * agreement,
+                _ => global * agreement,
             };
         }
     }
@@ -1570,7 +1627,7 @@ impl TrustEngine {
     fn aggregate(&mut self, now: UnixMs) {
         let st = self.settings.clone();
         let hl = st.half_life_ms;
-        let credibility: BTreeMap<Fingerprint, f64> = self
+        let credibility: HashMap<Fingerprint, f64> = self
             .peers
             .iter()
             .map(|(id, p)| (*id, p.credibility))
@@ -1601,7 +1658,11 @@ impl TrustEngine {
                     let k = w * scale(samples);
                     reported[INT].successes += k * (samples - mismatches);
                     reported[INT].failures += k * mismatches * st.corruption_weight;
-                    clean += k * (samples - mismatches);
+                    // Standing: only our long-term peers vouch for a newcomer; anyone else's
+                    // word moves its score, never how far we rely on it.
+                    if self.pre_trusted.contains(reporter) {
+                        clean += k * (samples - mismatches);
+                    }
                     let answered = (r.answered_in_sla + r.answered_slow) as f64;
                     let unanswered = r.unanswered as f64;
                     let k = w * scale(answered + unanswered);
@@ -1616,7 +1677,9 @@ impl TrustEngine {
                     // The shortfall's size is not reported: count half the full weight.
                     reported[CAP].failures += k * shortfalls * st.capacity_weight * 0.5;
                     if r.mismatches > 0 && !r.mismatched_paths.is_empty() && !h.refuted {
-                        claims += cred * age;
+                        // Confirmed claims count in full, single mismatches half.
+                        let strength = if r.confirmed_mismatches > 0 { 1.0 } else { 0.5 };
+                        claims += cred * age * strength;
                         claim_evidence.push(Evidence::Report {
                             report: ReportId {
                                 reporter: *reporter,
@@ -1715,8 +1778,11 @@ impl TrustEngine {
                     return;
                 }
                 match phase {
+                    // Claims quarantine only peers we observe ourselves (so can check); about
+                    // the others they only lower the reported score.
                     Phase::Trusted | Phase::Probation { .. }
-                        if peer.claim_weight >= st.claim_quarantine =>
+                        if peer.claim_weight >= st.claim_quarantine
+                            && direct[INT].weight() + direct[AVAIL].weight() > 0.0 =>
                     {
                         let evidence = peer.claim_evidence.clone();
                         let peer = self.peer_entry(id);
@@ -1770,7 +1836,18 @@ impl TrustEngine {
     // What the daemon reads
     // -----------------------------------------------------------------------------------
 
-    fn standing(&self, peer: &Peer, now: UnixMs) -> f64 {
+    /// How much verified evidence vouches for `subject` (0 for a new identity, 1 for a
+    /// pre-trusted peer): where sampling is most needed.
+    pub fn standing(&self, subject: &Fingerprint, now: UnixMs) -> f64 {
+        if self.pre_trusted.contains(subject) {
+            return 1.0;
+        }
+        self.peers
+            .get(subject)
+            .map_or(0.0, |p| self.standing_of(p, now))
+    }
+
+    fn standing_of(&self, peer: &Peer, now: UnixMs) -> f64 {
         if peer.pre_trusted {
             return 1.0;
         }
@@ -1786,7 +1863,7 @@ impl TrustEngine {
             return 0.0;
         };
         let direct = peer.direct.map(|b| b.at(now, self.settings.half_life_ms));
-        scores(&self.settings, &direct, Some(&peer.reported)).score * self.standing(peer, now)
+        scores(&self.settings, &direct, Some(&peer.reported)).score * self.standing_of(peer, now)
     }
 
     /// Maglev weight factor of `subject` (weight ∝ advertised capacity × factor): trust,
@@ -1832,7 +1909,7 @@ impl TrustEngine {
         let direct = peer.direct.map(|b| b.at(now, st.half_life_ms));
         let all = scores(st, &direct, Some(&peer.reported));
         let own = scores(st, &direct, None);
-        let standing = self.standing(peer, now);
+        let standing = self.standing_of(peer, now);
         Some(Assessment {
             subject: *subject,
             state: peer.phase.state(),

@@ -8,7 +8,7 @@
 //! binds the reporter's key to its node id and verifies the signature. Every failure is a
 //! [`ReportError`]; nothing on this path panics.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use prost::Message as _;
 use serde::Serialize;
@@ -120,7 +120,7 @@ impl fmt::Display for ReportId {
 /// simulation's nodes) share one verification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedReport {
-    report: pb::ReputationReport,
+    report: Arc<pb::ReputationReport>,
     reporter: Fingerprint,
     subject: Fingerprint,
 }
@@ -153,7 +153,7 @@ impl VerifiedReport {
             other => ReportError::Invalid(other),
         })?;
         Ok(Self {
-            report: opened,
+            report: Arc::new(opened),
             reporter,
             subject,
         })
@@ -178,9 +178,49 @@ impl VerifiedReport {
         }
     }
 
-    pub(crate) fn into_report(self) -> pb::ReputationReport {
+    pub(crate) fn into_report(self) -> Arc<pb::ReputationReport> {
         self.report
     }
+}
+
+/// Largest signed report on the wire (the report, its signature, framing).
+pub const MAX_SIGNED_BYTES: usize = MAX_REPORT_BYTES + 128;
+
+/// The wire bytes of a signed report: what the gossip board carries (base64-encoded).
+pub fn encode_signed(signed: &pb::SignedReputationReport) -> Vec<u8> {
+    signed.encode_to_vec()
+}
+
+/// Decodes the wire bytes of a signed report, at most [`MAX_SIGNED_BYTES`].
+pub fn decode_signed(bytes: &[u8]) -> Result<pb::SignedReputationReport, ReportError> {
+    if bytes.len() > MAX_SIGNED_BYTES {
+        return Err(ReportError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_SIGNED_BYTES,
+        });
+    }
+    pb::SignedReputationReport::decode(bytes).map_err(|e| ReportError::Decode {
+        reason: e.to_string(),
+    })
+}
+
+/// The reporter a signed report claims (not yet verified): whose key to verify it with.
+pub fn claimed_reporter(signed: &pb::SignedReputationReport) -> Result<Fingerprint, ReportError> {
+    if signed.report.len() > MAX_REPORT_BYTES {
+        return Err(ReportError::TooLarge {
+            size: signed.report.len(),
+            limit: MAX_REPORT_BYTES,
+        });
+    }
+    let report = pb::ReputationReport::decode(signed.report.as_slice()).map_err(|e| {
+        ReportError::Decode {
+            reason: e.to_string(),
+        }
+    })?;
+    Fingerprint::from_slice(&report.reporter).map_err(|_| ReportError::NodeId {
+        field: "reporter",
+        len: report.reporter.len(),
+    })
 }
 
 /// What no honest reporter would state; checked before the signature.

@@ -43,9 +43,10 @@ pub struct TrustSettings {
     /// Direct observations (weighted) the failing dimension needs before a score can isolate:
     /// a peer is never isolated on its prior or on one unlucky sample. Default 4.
     pub min_isolation_evidence: f64,
-    /// Verified clean samples for standing ½ (standing = v / (v + this)). Default 20: a new
-    /// identity earns weight only as fast as samples (its own or credible reporters') vouch
-    /// for it; the node's long-term peers have standing 1 from the start.
+    /// Verified clean samples for standing ½ (standing = v / (v + this), v = our own clean
+    /// samples plus what our long-term peers report, at the hearsay weight). Default 20: a new
+    /// identity earns weight only as fast as samples vouch for it, and nobody else's praise
+    /// (liars', Sybils') adds to it; the long-term peers have standing 1 from the start.
     pub standing_half: f64,
     /// Weight factor ceiling on probation. Default 0.5.
     pub probation_cap: f64,
@@ -102,6 +103,9 @@ pub struct TrustSettings {
     pub eigen_teleport: f64,
     /// EigenTrust power iterations. Default 20.
     pub eigen_iterations: usize,
+    /// EigenTrust is recomputed this often, ms (credibility follows agreement every tick).
+    /// Default 5 s: global trust moves with reports, which arrive every few seconds.
+    pub eigen_every_ms: i64,
     /// Global trust × number of trusted nodes at which a reporter's weight is 1 (an average
     /// node). Default 1.
     pub eigen_reference: f64,
@@ -129,7 +133,7 @@ impl Default for TrustSettings {
             capacity_weight: 3.0,
             isolation_threshold: 0.3,
             min_isolation_evidence: 4.0,
-            standing_half: 20.0,
+            standing_half: 40.0,
             probation_cap: 0.5,
             recover_samples: 10,
             recover_score: 0.7,
@@ -152,6 +156,7 @@ impl Default for TrustSettings {
             min_compare_samples: 8.0,
             eigen_teleport: 0.15,
             eigen_iterations: 20,
+            eigen_every_ms: 5_000,
             eigen_reference: 1.0,
             report_window_ms: 600_000,
             report_interval_ms: 5_000,
@@ -173,7 +178,7 @@ impl TrustSettings {
     /// Refuses values the rules cannot work with (durations ≤ 0, shares outside `[0, 1]`,
     /// weights ≤ 0, NaN).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let positive: [(&'static str, f64); 18] = [
+        let positive: [(&'static str, f64); 19] = [
             ("half_life_ms", self.half_life_ms as f64),
             ("prior_successes", self.prior_successes),
             ("prior_failures", self.prior_failures),
@@ -195,6 +200,7 @@ impl TrustSettings {
             ("report_window_ms", self.report_window_ms as f64),
             ("max_report_age_ms", self.max_report_age_ms as f64),
             ("check_ttl_ms", self.check_ttl_ms as f64),
+            ("eigen_every_ms", self.eigen_every_ms as f64),
         ];
         for (name, value) in positive {
             if !(value.is_finite() && value > 0.0) {

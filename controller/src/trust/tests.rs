@@ -375,6 +375,7 @@ fn a_liars_bad_mouthing_does_not_isolate_an_honest_peer() {
     let before = e.weight_factor(&h, T0);
     let mut lie = report(h, T0, 1);
     lie.mismatches = 10;
+    lie.confirmed_mismatches = 10;
     lie.mismatched_paths = vec!["/liar/object.js".into()];
     let signed = proto::sign_reputation(&liar_id, &lie);
     let got = e.ingest_report(&signed, &liar_id.spki_der, T0).unwrap();
@@ -445,29 +446,34 @@ fn sybil_praise_cannot_raise_a_bad_peer() {
     for s in &sybils {
         assert!(e.credibility(&s.fingerprint) < 0.01);
     }
-    // Whereas an established reporter we observed ourselves does carry weight.
+    // An established reporter we observed ourselves is heard (its report moves the score)
+    // but does not vouch for a newcomer's standing; one of our long-term peers does.
     clean_run(&mut e, honest_id.fingerprint, 10, 40, T0);
-    e.tick(T0 + 2);
-    let mut vouch = report(bad, T0 + 2, 1);
+    // EigenTrust runs every `eigen_every_ms`.
+    let t = T0 + TrustSettings::default().eigen_every_ms + 1;
+    e.tick(t);
+    assert!(e.credibility(&honest_id.fingerprint) > 0.5);
+    e.set_pre_trusted([honest_id.fingerprint]);
+    let mut vouch = report(bad, t, 1);
     vouch.samples = 40;
     e.ingest_report(
         &proto::sign_reputation(&honest_id, &vouch),
         &honest_id.spki_der,
-        T0 + 2,
+        t,
     )
     .unwrap();
-    e.tick(T0 + 3);
-    assert!(e.weight_factor(&bad, T0 + 3) > praised + 0.05);
+    e.tick(t + 1);
+    assert!(e.weight_factor(&bad, t + 1) > praised + 0.05);
     // And once the bad peer is caught, praise changes nothing.
-    corrupted(&mut e, bad, 20, own("/x"), T0 + 4);
-    corrupted(&mut e, bad, 21, own("/x"), T0 + 5);
+    corrupted(&mut e, bad, 20, own("/x"), t + 2);
+    corrupted(&mut e, bad, 21, own("/x"), t + 3);
     assert_eq!(e.state(&bad), State::Isolated);
-    e.tick(T0 + 6);
-    assert_eq!(e.weight_factor(&bad, T0 + 6), 0.0);
+    e.tick(t + 4);
+    assert_eq!(e.weight_factor(&bad, t + 4), 0.0);
 }
 
 #[test]
-fn a_corruption_named_by_a_reporter_isolates_at_once() {
+fn a_corruption_of_a_named_object_needs_our_own_confirming_sample() {
     let reporter_id = node();
     let r = reporter_id.fingerprint;
     let s = fp(1);
@@ -485,12 +491,18 @@ fn a_corruption_named_by_a_reporter_isolates_at_once() {
     .unwrap();
     let check = e.checks(T0).pop().unwrap();
     assert!(matches!(check.why, CheckWhy::Claim { .. }));
-    let d = corrupted(&mut e, s, 42, check.object, T0 + 1).unwrap();
+    // Our own sample of the named object is corrupted: quarantine, the claim in evidence.
+    let d = corrupted(&mut e, s, 42, check.object.clone(), T0 + 1).unwrap();
+    assert_eq!(d.kind, DecisionKind::Quarantine);
+    assert_eq!(d.report_ids()[0].reporter, r);
+    // The confirming sample isolates, with both samples and the report as evidence.
+    let d = corrupted(&mut e, s, 43, check.object, T0 + 1).unwrap();
     assert_eq!(d.kind, DecisionKind::Isolate { dishonest: true });
-    assert_eq!(d.reason, Reason::CorroboratedCorruption);
-    assert_eq!(d.sample_ids(), vec![42]);
+    assert_eq!(d.reason, Reason::ConfirmedCorruption);
+    assert_eq!(d.sample_ids(), vec![42, 43]);
     assert_eq!(d.report_ids().len(), 1);
     assert_eq!(d.report_ids()[0].reporter, r);
+    assert!(e.assess(&r, T0 + 1).unwrap().as_reporter.agreement > 0.8);
 }
 
 #[test]
@@ -503,6 +515,7 @@ fn credible_claims_quarantine_pending_our_own_check() {
     for (n, id) in ids.iter().enumerate() {
         let mut claim = report(s, T0, 1);
         claim.mismatches = 3;
+        claim.confirmed_mismatches = 1;
         claim.mismatched_paths = vec![format!("/obj/{n}")];
         e.ingest_report(&proto::sign_reputation(id, &claim), &id.spki_der, T0)
             .unwrap();
