@@ -845,7 +845,10 @@ async fn a_standby_long_term_peer_is_steered_to_before_the_crowd_and_rearmed_aft
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0].state, "disbanded", "{rows:?}");
     assert!(rows[0].end_reason.contains("low-water"), "{rows:?}");
-    assert!(rows[0].local_final, "the primary's last count is final: {rows:?}");
+    assert!(
+        rows[0].local_final,
+        "the primary's last count is final: {rows:?}"
+    );
     let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
     assert_eq!(
         peers.len(),
