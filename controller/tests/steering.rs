@@ -861,7 +861,7 @@ async fn a_standby_long_term_peer_is_steered_to_before_the_crowd_and_rearmed_aft
 }
 
 /// A dishonest provider: the surrogate it advertises is a proxy in front of its real one that
-/// flips bytes of `/app.js` (what clients would get over DSR from a peer that tampers with the
+/// flips a byte of every object (what clients would get over DSR from a peer that tampers with the
 /// primary's content). The primary's content samples catch it: the provider leaves the Maglev
 /// table, its arrangement is terminated for cause with the agreed penalty in full, and the
 /// decision and its evidence are in `p2pcdn peers --json`.
@@ -881,9 +881,7 @@ async fn a_provider_serving_corrupted_bytes_is_isolated_and_terminated_for_cause
             };
             match http_get(addr, HOST, uri.path()).await {
                 Ok((200, mut body)) => {
-                    if uri.path() == "/app.js"
-                        && let Some(b) = body.get_mut(100)
-                    {
+                    if let Some(b) = body.get_mut(10) {
                         *b ^= 0x20;
                     }
                     (StatusCode::OK, body)
@@ -930,7 +928,7 @@ async fn a_provider_serving_corrupted_bytes_is_isolated_and_terminated_for_cause
     let reason = ended.end_reason.clone().unwrap_or_default();
     assert!(reason.contains("DISHONEST"), "{reason}");
     assert!(
-        reason.contains("/app.js"),
+        reason.contains("/app.js") || reason.contains("/index.html"),
         "the evidence names the sample: {reason}"
     );
     let peers = pair.primary_dp.lock().unwrap().peers().unwrap();
@@ -965,7 +963,10 @@ async fn a_provider_serving_corrupted_bytes_is_isolated_and_terminated_for_cause
         text.contains("isolated") || text.contains("Isolated"),
         "{text}"
     );
-    assert!(text.contains("/app.js"), "evidence in peers --json: {text}");
+    assert!(
+        text.contains("/app.js") || text.contains("/index.html"),
+        "evidence in peers --json: {text}"
+    );
     pair.primary.shutdown().await;
     pair.provider.shutdown().await;
 }
